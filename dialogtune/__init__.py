@@ -1,0 +1,3 @@
+"""dialogtune: turn conversations into conversational models."""
+
+__version__ = "0.1.0"

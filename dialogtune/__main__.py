@@ -1,0 +1,3 @@
+from dialogtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The `dialogtune` command: one verb per job.
+
+    dialogtune prepare CONFIG.yaml|DATA [--set key=value ...] [quick flags]
+    dialogtune inspect PREPARED_DIR [--index N] [--split validation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dialogtune.config import ConfigError, build_config, load_yaml, merge, parse_overrides
+from dialogtune.models import ModelError
+from dialogtune.readers import FORMATS, DataError
+from dialogtune.templates import TemplateError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+
+
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="read dialogue data and write a tokenized, labelled (packed) dataset",
+                       description="Read dialogue data and write a tokenized, exactly labelled dataset.")
+    p.add_argument("source", help="a YAML config, or a data file/directory (then the flags describe the job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set task.context.rounds=3 (repeatable)")
+    p.add_argument("--format", choices=["auto", *FORMATS], help="input format (default: detected)")
+    p.add_argument("--task", choices=["respond", "summarize"])
+    p.add_argument("--as", dest="speakers_as", action="append", metavar="SPEAKER",
+                   help="the speaker/role the model speaks as (repeatable; '*' for everyone)")
+    p.add_argument("--rounds", type=int, help="one example per target turn with N previous turns")
+    p.add_argument("--system-prompt")
+    p.add_argument("--model", help="hub name, local path, or smollm2-135m-instruct (default)")
+    p.add_argument("--template", help="model (the tokenizer's own), chatml, user_assistant, transcript, ...")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--pack", action="store_true", default=None, help="pack examples into max-length rows")
+    p.add_argument("--validation", type=float, help="share of dialogues held out (default 0.1)")
+    p.add_argument("-o", "--output", help="output directory")
+    p.add_argument("--strict", action="store_true", default=None, help="stop at the first bad record")
+    p.add_argument("--force", action="store_true", help="prepare again even if the output is up to date")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        ("data", "format"): args.format,
+        ("task", "name"): args.task,
+        ("task", "as"): args.speakers_as,
+        ("task", "context"): {"rounds": args.rounds} if args.rounds is not None else None,
+        ("task", "system_prompt"): args.system_prompt,
+        ("model", "name"): args.model,
+        ("template", "name"): args.template,
+        ("max_length",): args.max_length,
+        ("pack",): args.pack,
+        ("split", "validation"): args.validation,
+        ("output",): args.output,
+        ("strict",): args.strict,
+    }
+    tree: dict[str, Any] = {}
+    for path, value in flags.items():
+        if value is None:
+            continue
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dialogtune.prepare import prepare
+
+    source = Path(args.source)
+    if source.suffix in (".yaml", ".yml"):
+        raw, origin = load_yaml(source), str(source)
+    else:
+        raw, origin = {"data": {"path": [str(source)]}}, "command line"
+    raw = merge(merge(raw, flag_overrides(args)), parse_overrides(args.overrides))
+    config = build_config(raw, origin)
+    prepare(config, force=args.force)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dialogtune.inspect import inspect
+
+    print(inspect(Path(args.directory), args.index, args.split))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dialogtune", description="Turn conversations into conversational models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prepare_parser(sub)
+    p = sub.add_parser("inspect", help="show one prepared example with its trained tokens marked")
+    p.add_argument("directory", help="a directory written by `dialogtune prepare`")
+    p.add_argument("--index", type=int, default=0, help="which example (default 0)")
+    p.add_argument("--split", default="train", choices=["train", "validation"])
+    args = parser.parse_args(argv)
+    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect}
+    try:
+        return handlers[args.command](args)
+    except USER_ERRORS as err:
+        print(f"dialogtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

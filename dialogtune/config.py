@@ -1,0 +1,166 @@
+"""The job config: one YAML file, one section per module, validated with messages that name
+the key, the bad value and what would be valid."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Columns(Strict):
+    speaker: str | None = None
+    text: str | None = None
+    episode: str | None = None
+
+
+class DataConfig(Strict):
+    path: list[str]  # files or directories, read in order
+    format: str = "auto"
+    columns: Columns = Columns()  # script_csv: which columns hold speaker, text, episode
+    speakers: list[str] | None = None  # transcript: only these names start a turn
+    actions: Literal["keep", "drop"] = "keep"  # transcript: keep or remove (parenthesised actions)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Rounds(Strict):
+    rounds: int = Field(ge=0)
+
+
+class TaskConfig(Strict):
+    name: Literal["respond", "summarize"] = "respond"
+    speakers_as: list[str] | None = Field(default=None, alias="as")  # respond: who the model speaks as
+    context: Literal["full"] | Rounds = "full"  # respond: whole dialogues, or N previous turns
+    system_prompt: str | None = None
+    persona: bool = False  # respond: add the speaker's persona lines (PersonaChat) to the system prompt
+    instruction: str = "Summarize the following dialogue:"  # summarize
+
+    @field_validator("speakers_as", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class SplitConfig(Strict):
+    validation: float = Field(default=0.1, ge=0.0, lt=1.0)  # share of dialogues (or scenes/episodes)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2-135m-instruct"  # hub name, local path, or the embedded default
+
+
+class TemplateConfig(Strict):
+    name: str = "model"  # the tokenizer's own, or chatml, user_assistant, transcript, dialogpt, llama2, vicuna
+    end_of_turn: str | None = None  # override the marker a trained turn ends with
+
+
+class PrepareConfig(Strict):
+    data: DataConfig
+    task: TaskConfig = TaskConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    template: TemplateConfig = TemplateConfig()
+    max_length: int = Field(default=1024, gt=8)
+    pack: bool = False
+    output: str = "prepared"
+    strict: bool = False  # stop at the first bad record instead of counting it
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for key in loc:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(key)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def describe_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc)
+        if error["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            known = _field_names(parent) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"{source}: unknown key {key!r}{hint} (known here: {', '.join(known)})")
+        elif error["type"] == "missing":
+            lines.append(f"{source}: missing required key {key!r}")
+        else:
+            lines.append(f"{source}: {key}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set a.b=value` pairs into a nested dict; values are read as YAML (numbers, lists...)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set task.as=Bob")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections (data:, task:, ...)")
+    # Relative data paths are relative to the config file, so configs can travel with their data.
+    paths = data.get("data", {}).get("path") if isinstance(data.get("data"), dict) else None
+    if paths is not None:
+        listed = [paths] if isinstance(paths, str) else paths
+        data["data"]["path"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in listed]
+    return data
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> PrepareConfig:
+    try:
+        return PrepareConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err, PrepareConfig, source)) from None

@@ -1,0 +1,330 @@
+"""`dialogtune prepare`: files -> dialogues -> examples -> tokens -> packed Arrow dataset.
+
+    dialogtune prepare examples/sgd_respond.yaml
+    dialogtune prepare dataset.txt --format transcript --as Bob --rounds 5 -o out/
+
+The output directory holds `train/` and `validation/` (datasets.save_to_disk), `stats.json`,
+`rejects.jsonl` and `prepare.json` (config, tokenizer, template and fingerprint). A second run
+with the same config, data and tokenizer is a cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import dialogtune
+from dialogtune.config import ConfigError, PrepareConfig
+from dialogtune.dialogue import Dialogue, Reject
+from dialogtune.models import load_tokenizer
+from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
+from dialogtune.readers import DataError, read_dialogues
+from dialogtune.readers._io import no_gc
+from dialogtune.split import validation_groups
+from dialogtune.tasks import Example
+from dialogtune.tasks.respond import ALL_SPEAKERS, respond
+from dialogtune.tasks.summarize import summarize
+from dialogtune.templates import ChatTemplate, resolve_template
+from dialogtune.tokenize import ExampleEncoder, Tokenized, TokenizeStats
+
+BATCH = 512  # examples tokenized together (in parallel, in Rust)
+SPLITS = ("train", "validation")
+
+
+@dataclass
+class Prepared:
+    directory: Path
+    stats: dict[str, Any]
+    cache_hit: bool
+
+
+class StrictError(DataError):
+    pass
+
+
+# -- fingerprint --------------------------------------------------------------------
+def _data_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def fingerprint(config: PrepareConfig, tokenizer, template: ChatTemplate) -> str:
+    digest = hashlib.sha256()
+    settings = config.model_dump(mode="json", by_alias=True, exclude={"output", "strict"})
+    digest.update(json.dumps([dialogtune.__version__, settings], sort_keys=True).encode())
+    digest.update(tokenizer_hash(tokenizer).encode())
+    digest.update(json.dumps([template.name, template.source, template.end_of_turn]).encode())
+    for file in _data_files(config.data.path):
+        digest.update(str(file).encode())
+        with open(file, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "blake2b").digest())
+    return digest.hexdigest()[:32]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Identity of a tokenizer by what it does (vocabulary, merges, special tokens), not its name."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+# -- reading and tasks --------------------------------------------------------------
+def examples_of(dialogue: Dialogue, config: PrepareConfig) -> list[Example] | Reject:
+    task = config.task
+    if task.name == "summarize":
+        return summarize(dialogue, task.instruction, task.system_prompt)
+    rounds = None if task.context == "full" else task.context.rounds
+    return respond(dialogue, set(task.speakers_as or ()), rounds, task.system_prompt, task.persona)
+
+
+def require_targets(config: PrepareConfig) -> None:
+    """Without `as`, `respond` cannot know who the model is: say who could be."""
+    if config.task.name != "respond" or config.task.speakers_as:
+        return
+    seen: Counter[str] = Counter()
+    for path in config.data.path:
+        for number, item in enumerate(read_dialogues(Path(path), config.data.format, **reader_options(config))):
+            if isinstance(item, Dialogue):
+                seen.update(t.speaker for t in item.turns if t.speaker)
+            if number >= 1000:
+                break
+    listed = ", ".join(f"{name} ({count})" for name, count in seen.most_common(12))
+    raise ConfigError(f"task.as (--as) is required for respond: who should the model speak as? Speakers: {listed}")
+
+
+def reader_options(config: PrepareConfig) -> dict[str, Any]:
+    return {"columns": config.data.columns.model_dump(), "speakers": config.data.speakers,
+            "actions": config.data.actions}
+
+
+# -- the job ------------------------------------------------------------------------
+def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) -> Prepared:
+    started = time.perf_counter()
+    out = Path(config.output)
+    for path in config.data.path:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory")
+    tokenizer = load_tokenizer(config.model.name)
+    template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn)
+    key = fingerprint(config, tokenizer, template)
+    previous = out / "prepare.json"
+    if not force and previous.exists() and (out / "stats.json").exists():
+        if json.loads(previous.read_text()).get("fingerprint") == key:
+            if not quiet:
+                print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
+            return Prepared(out, json.loads((out / "stats.json").read_text()), True)
+    require_targets(config)
+    encoder = ExampleEncoder(tokenizer, template, config.max_length)
+    tok_stats = TokenizeStats()
+    rejects: list[Reject] = []
+    speakers: Counter[str] = Counter()
+    tokenized: list[Tokenized] = []
+    dialogues = 0
+    pending: list[Example] = []
+
+    def note_reject(reject: Reject) -> None:
+        if config.strict:
+            raise StrictError(f"{reject} (stopped: --strict)")
+        rejects.append(reject)
+
+    def flush() -> None:
+        tokenized.extend(encoder.encode(pending, tok_stats))
+        pending.clear()
+
+    bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
+    with no_gc():
+        for path in config.data.path:
+            for item in read_dialogues(Path(path), config.data.format, **reader_options(config)):
+                if isinstance(item, Reject):
+                    note_reject(item)
+                    continue
+                dialogues += 1
+                bar.update()
+                speakers.update(t.speaker for t in item.turns if t.speaker)
+                made = examples_of(item, config)
+                if isinstance(made, Reject):
+                    note_reject(made)
+                    continue
+                pending.extend(made)
+                if len(pending) >= BATCH:
+                    flush()
+        flush()
+    bar.close()
+    for reject in tok_stats.rejects:
+        note_reject(reject)
+    if not tokenized:
+        raise DataError(no_examples_message(config, dialogues, speakers, rejects))
+
+    held_out = validation_groups({t.example.group for t in tokenized}, config.split.validation, config.split.seed)
+    parts = {split: [t for t in tokenized if (t.example.group in held_out) == (split == "validation")]
+             for split in SPLITS}
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_parent(out)))
+    try:
+        split_stats = {split: write_split(staging / split, items, config) for split, items in parts.items()}
+        elapsed = time.perf_counter() - started
+        stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
+        write_json(staging / "stats.json", stats)
+        with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
+            for reject in rejects:
+                fh.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
+        write_json(staging / "prepare.json", manifest(config, tokenizer, template, key, speakers))
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not quiet:
+        print(summary_line(out, stats))
+    return Prepared(out, stats, False)
+
+
+def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig) -> dict[str, Any]:
+    import datasets
+    import pyarrow as pa
+
+    ids = [t.input_ids for t in items]
+    labels = [t.labels for t in items]
+    lengths = [len(x) for x in ids]
+    rows = pack_best_fit(lengths, config.max_length) if config.pack else one_per_row(lengths)
+    table = rows_to_table(ids, labels, rows)
+    names = [[items[i].example.dialogue_id for i in row] for row in rows]
+    table = table.append_column("dialogue_ids", pa.array(names, type=pa.list_(pa.string())))
+    # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
+    if table.num_rows:
+        datasets.Dataset(table).save_to_disk(str(directory))
+    tokens = int(sum(lengths))
+    trained = int(sum(int(np.count_nonzero(x != -100)) for x in labels))
+    capacity = len(rows) * config.max_length
+    return {
+        "examples": len(items),
+        "rows": len(rows),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "padding_fraction": round(1 - tokens / capacity, 4) if capacity else 0.0,
+        "packing_efficiency": round(tokens / capacity, 4) if capacity and config.pack else None,
+        "dialogues": len({t.example.group for t in items}),
+    }
+
+
+def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, split_stats, elapsed) -> dict[str, Any]:
+    tokens = sum(s["tokens"] for s in split_stats.values())
+    by_reason = Counter(f"{r.stage}: {r.reason.split(':')[0]}" for r in rejects)
+    return {
+        "dialogues_read": dialogues,
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(by_reason.most_common()),
+        "examples": sum(s["examples"] for s in split_stats.values()),
+        "tokens": tokens,
+        "trained_tokens": sum(s["trained_tokens"] for s in split_stats.values()),
+        "truncated": {
+            "examples_split": tok_stats.examples_split,
+            "context_truncated": tok_stats.context_truncated,
+            "turns_too_long": tok_stats.turns_too_long,
+        },
+        "splits": split_stats,
+        "speakers": dict(speakers.most_common(50)),
+        "seconds": round(elapsed, 3),
+        "dialogues_per_s": round(dialogues / elapsed, 1),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def manifest(config: PrepareConfig, tokenizer, template: ChatTemplate, key: str, speakers: Counter) -> dict:
+    """What training and inference need to reproduce this preparation exactly."""
+    pad = tokenizer.pad_token_id
+    pad_note = None
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        pad_note = ("the tokenizer has no pad token; padding uses id "
+                    f"{pad}, which is never learned from (labels come from message spans, not token ids)")
+    targets = config.task.speakers_as or (["assistant"] if config.task.name == "summarize" else [])
+    stops = [template.end_of_turn]
+    if template.name == "transcript":
+        stops += [f"\n{name}:" for name in speakers if name not in targets]
+    return {
+        "fingerprint": key,
+        "dialogtune_version": dialogtune.__version__,
+        "config": config.model_dump(mode="json", by_alias=True),
+        "model": config.model.name,
+        "tokenizer": {
+            "name_or_path": tokenizer.name_or_path,
+            "hash": tokenizer_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+            "pad_token_id": pad,
+            "pad_note": pad_note,
+            "eos_token": tokenizer.eos_token,
+        },
+        "template": {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn},
+        "task": config.task.name,
+        "speakers_as": targets,
+        "stop_strings": stops,
+        "max_length": config.max_length,
+        "pack": config.pack,
+    }
+
+
+def no_examples_message(config: PrepareConfig, dialogues: int, speakers: Counter, rejects: list[Reject]) -> str:
+    if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
+        missing = [s for s in config.task.speakers_as or [] if s not in speakers]
+        if missing:
+            listed = ", ".join(f"{name} ({count})" for name, count in speakers.most_common(12))
+            return (f"speaker {', '.join(map(repr, missing))} never occurs in {dialogues} dialogues;"
+                    f" speakers that do: {listed or 'none'}")
+    reasons = Counter(r.reason for r in rejects).most_common(3)
+    return (f"no training examples from {dialogues} dialogues ({len(rejects)} rejected; most common: "
+            + "; ".join(f"{reason} ({n})" for reason, n in reasons) + ")")
+
+
+def summary_line(out: Path, stats: dict[str, Any]) -> str:
+    train, val = stats["splits"]["train"], stats["splits"]["validation"]
+    truncated = stats["truncated"]
+    return (
+        f"prepared {stats['dialogues_read']} dialogues -> {train['examples']} train / {val['examples']} validation"
+        f" examples ({train['rows']} / {val['rows']} rows), {stats['tokens']} tokens, {stats['trained_tokens']}"
+        f" trained; {stats['rejected']} rejected, {truncated['turns_too_long']} turns too long,"
+        f" {truncated['context_truncated']} with context cut; padding {train['padding_fraction']:.1%};"
+        f" {stats['seconds']:.2f}s ({stats['dialogues_per_s']:.0f} dialogues/s, {stats['tokens_per_s']:.0f} tokens/s),"
+        f" peak RSS {stats['peak_rss_mb']:.0f} MB -> {out}"
+        + (f"\n  see {out / 'rejects.jsonl'}" if stats["rejected"] else "")
+    )
+
+
+# -- files --------------------------------------------------------------------------
+def _parent(out: Path) -> Path:
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def replace_dir(staging: Path, out: Path) -> None:
+    """Swap the finished output into place; refuse to clobber a directory that is not ours."""
+    if out.exists():
+        if any(out.iterdir()) and not (out / "prepare.json").exists():
+            raise DataError(f"{out}: exists and is not a prepared dataset; choose another output directory")
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "prepare.json"
+    if not path.exists():
+        raise DataError(f"{directory}: not a prepared dataset (no prepare.json); make one with `dialogtune prepare`")
+    return json.loads(path.read_text(encoding="utf-8"))
+

@@ -1,0 +1,78 @@
+"""Readers: one module per input format, each streaming `Dialogue`s and `Reject`s."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dialogtune.dialogue import Dialogue, Reject
+from dialogtune.readers import endoftext, messages, msc, parlai, rows, script_csv, sgd, transcript
+from dialogtune.readers._io import DataError, base_suffix, open_text
+
+Reader = Callable[..., Iterator[Dialogue | Reject]]
+
+FORMATS: dict[str, Reader] = {
+    "msc": msc.read,
+    "endoftext": endoftext.read,
+    "transcript": transcript.read,
+    "script_csv": script_csv.read,
+    "rows": rows.read,
+    "sgd": sgd.read,
+    "messages": messages.read,
+    "parlai": parlai.read,
+}
+
+__all__ = ["FORMATS", "DataError", "detect_format", "read_dialogues"]
+
+
+def _head(path: Path, size: int = 4096) -> str:
+    with open_text(path) as fh:
+        return fh.read(size)
+
+
+def detect_format(path: Path) -> str:
+    """Guess a file's format from its name and first few kilobytes."""
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(n.startswith("dialogues_") for n in names):
+            return "sgd"
+        if "dataset_info.json" in names or "state.json" in names:
+            return "rows"
+        raise DataError(f"{path}: a directory that is neither SGD (dialogues_*.json) nor a saved dataset")
+    suffix = base_suffix(path)
+    if suffix == ".parquet":
+        return "rows"
+    head = _head(path)
+    first_line = next((line for line in head.splitlines() if line.strip()), "")
+    if suffix == ".csv":
+        header = {h.strip().strip('"').lower() for h in first_line.split(",")}
+        return "rows" if {"input", "response"} <= header or "summary" in header else "script_csv"
+    if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and head.lstrip().startswith("{") and '"dial_id"' in head:
+            return "msc"
+        if re.match(r"\s*\[\s*\"", head):
+            return "endoftext"
+        if '"messages"' in head or '"conversations"' in head:
+            return "messages"
+        if '"dialogue_id"' in head and '"turns"' in head:
+            return "sgd"
+        if '"input"' in head or '"dialogue"' in head:
+            return "rows"
+    else:
+        if re.match(r"\d+ ", first_line) or first_line.startswith("text:"):
+            return "parlai"
+        if endoftext.SEPARATOR in head:
+            return "endoftext"
+        return "transcript"
+    raise DataError(f"{path}: cannot tell the format; name it with --format ({', '.join(FORMATS)})")
+
+
+def read_dialogues(path: Path, fmt: str = "auto", **options: object) -> Iterator[Dialogue | Reject]:
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    return FORMATS[fmt](path, **options)

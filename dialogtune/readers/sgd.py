@@ -1,0 +1,67 @@
+"""Schema-Guided Dialogue: a directory of `dialogues_*.json` plus `schema.json`.
+
+Speakers are `USER` and `SYSTEM`. Each turn keeps its `frames` (service, slot spans,
+actions, and for user turns the dialogue state with the active intent) in `turn.meta`;
+each dialogue keeps its services and their schemas in `dialogue.meta`, for the
+understanding task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dialogtune.dialogue import Dialogue, Reject, Turn
+from dialogtune.readers._io import DataError, load_json
+from dialogtune.textfix import clean_text
+
+
+def dialogue_files(path: Path) -> tuple[list[Path], Path | None]:
+    folder = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else sorted(
+        p for p in folder.iterdir() if p.name.startswith("dialogues_") and p.name.endswith((".json", ".json.gz"))
+    )
+    if not files:
+        raise DataError(f"{path}: no dialogues_*.json files")
+    schema = next((folder / n for n in ("schema.json", "schema.json.gz") if (folder / n).exists()), None)
+    return files, schema
+
+
+def load_schemas(schema_path: Path | None) -> dict[str, dict]:
+    if schema_path is None:
+        return {}
+    schema = load_json(schema_path)
+    if not isinstance(schema, list):
+        raise DataError(f"{schema_path}: expected a list of service schemas")
+    return {service["service_name"]: service for service in schema if isinstance(service, dict)}
+
+
+def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
+    files, schema_path = dialogue_files(path)
+    schemas = load_schemas(schema_path)
+    for file in files:
+        source = str(file)
+        data = load_json(file)
+        if not isinstance(data, list):
+            raise DataError(f"{file}: expected a list of dialogues")
+        for index, raw in enumerate(data):
+            item = f"[{index}]"
+            if not isinstance(raw, dict) or not isinstance(raw.get("turns"), list):
+                yield Reject(source, None, "dialogue needs a list field 'turns'", item=item)
+                continue
+            dialogue_id = str(raw.get("dialogue_id", f"{file.name}#{index}"))
+            turns = []
+            for t_index, turn in enumerate(raw["turns"]):
+                where = f"{item}.turns[{t_index}]"
+                if not isinstance(turn, dict) or not isinstance(turn.get("utterance"), str):
+                    yield Reject(source, None, "turn needs a string field 'utterance'", item=where)
+                    continue
+                text = clean_text(turn["utterance"])
+                if not text:
+                    yield Reject(source, None, "empty utterance", item=where + ".utterance")
+                    continue
+                turns.append(Turn(str(turn.get("speaker", "")), text, meta={"frames": turn.get("frames", [])}))
+            services = raw.get("services", [])
+            meta = {"services": services, "schemas": {s: schemas[s] for s in services if s in schemas}}
+            if turns:
+                yield Dialogue(dialogue_id, turns, source=source, meta=meta)

@@ -1,0 +1,86 @@
+"""`Name: utterance` transcripts (plays, chat logs, character sheets).
+
+- A line starting with a speaker name and a colon is a turn. The name must match exactly
+  (a strict prefix, never `str.lstrip`, which strips characters, not a prefix). With
+  `speakers` given, only those names start turns; otherwise any short name does
+  (at most four words, starting with a letter).
+- Other lines are narration: kept as turns without a speaker, so tasks can use them as context.
+- A blank line or a `---` line ends a scene; each scene is its own dialogue (and split group).
+- `(actions)` inside lines are kept, or removed with `actions: drop`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from dialogtune.dialogue import Dialogue, Reject, Turn
+from dialogtune.readers._io import open_text
+from dialogtune.textfix import clean_text
+
+_TURN = re.compile(r"^\s*([^\W\d_][^:\n]{0,39}?)\s*:(.*)$")
+_SCENE_BREAK = re.compile(r"^\s*(-{3,}|\*{3,}|={3,})\s*$")
+_ACTION = re.compile(r"\s*\([^()]*\)\s*")
+MAX_NAME_WORDS = 4
+
+
+def split_speaker(line: str, speakers: list[str] | None) -> tuple[str, str] | None:
+    """Return (name, text) if the line is a turn, else None (narration)."""
+    if speakers is not None:
+        for name in speakers:
+            if line.startswith(name + ":"):
+                return name, line[len(name) + 1 :]
+        return None
+    match = _TURN.match(line)
+    if not match:
+        return None
+    name = match.group(1).strip()
+    if len(name.split()) > MAX_NAME_WORDS or name.endswith((".", ",", "!", "?")):
+        return None
+    return name, match.group(2)
+
+
+def read(
+    path: Path,
+    *,
+    speakers: list[str] | None = None,
+    actions: str = "keep",
+    **_: object,
+) -> Iterator[Dialogue | Reject]:
+    source = str(path)
+    # Longest names first so "Bob Smith:" is not taken for "Bob" + " Smith:".
+    known = sorted(speakers, key=len, reverse=True) if speakers else None
+    turns: list[Turn] = []
+    scene_line = 1
+    scene = 0
+
+    def flush() -> Iterator[Dialogue]:
+        nonlocal turns, scene
+        if any(t.speaker is not None for t in turns):
+            scene_id = f"{path.name}#scene{scene}"
+            yield Dialogue(scene_id, turns, source=source, line=scene_line)
+            scene += 1
+        turns = []
+
+    with open_text(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.rstrip("\r\n")
+            if not line.strip() or _SCENE_BREAK.match(line):
+                yield from flush()
+                scene_line = lineno + 1
+                continue
+            parsed = split_speaker(line, known)
+            if parsed is None:
+                text = clean_text(line)
+                turns.append(Turn(None, text, meta={"line": lineno}))
+                continue
+            name, text = parsed
+            if actions == "drop":
+                text = _ACTION.sub(" ", text)
+            text = clean_text(text)
+            if not text:
+                yield Reject(source, lineno, f"empty text after speaker {name!r}")
+                continue
+            turns.append(Turn(clean_text(name), text, meta={"line": lineno}))
+    yield from flush()

@@ -1,0 +1,84 @@
+"""Prompt formats as Jinja chat templates: the model's own, or one shipped here.
+
+Each template knows its end-of-turn marker: the text after a message that the model must
+learn to produce so it stops (`<|im_end|>` for ChatML, the EOS token for most others,
+a newline for `Name: text` transcripts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+# name -> end-of-turn marker; "{eos}" stands for the tokenizer's EOS token.
+SHIPPED = {
+    "chatml": "<|im_end|>",
+    "user_assistant": "{eos}",
+    "transcript": "\n",
+    "dialogpt": "{eos}",
+    "llama2": "{eos}",
+    "vicuna": "{eos}",
+}
+MODEL_TEMPLATE = "model"  # the tokenizer's own chat template
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    source: str
+    end_of_turn: str
+
+
+def shipped_source(name: str) -> str:
+    return resources.files(__package__).joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def detect_end_of_turn(tokenizer, source: str) -> str:
+    """The first special token a template writes after an assistant message."""
+    probe = "\ue000probe\ue001"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe},
+         {"role": "user", "content": "bye"}],
+        chat_template=source, tokenize=False,
+    )
+    after = rendered[rendered.index(probe) + len(probe):]
+    found = [(after.find(tok), -len(tok), tok) for tok in special_token_strings(tokenizer) if tok in after]
+    if not found:
+        raise TemplateError(
+            "cannot tell where an assistant turn ends in this chat template (no special token follows"
+            f" the message; it is followed by {after[:40]!r}); set template.end_of_turn"
+        )
+    return min(found)[2]
+
+
+def resolve_template(name: str, tokenizer, end_of_turn: str | None = None) -> ChatTemplate:
+    if name == MODEL_TEMPLATE:
+        source = tokenizer.chat_template
+        if not isinstance(source, str) or not source:
+            raise TemplateError(
+                f"the tokenizer {tokenizer.name_or_path!r} has no chat template of its own;"
+                f" choose one with template.name: {', '.join(SHIPPED)}"
+            )
+        return ChatTemplate(name, source, end_of_turn or detect_end_of_turn(tokenizer, source))
+    if name not in SHIPPED:
+        import difflib
+
+        close = difflib.get_close_matches(name, [*SHIPPED, MODEL_TEMPLATE], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TemplateError(f"unknown template {name!r}{hint}; choose one of: {MODEL_TEMPLATE}, {', '.join(SHIPPED)}")
+    marker = end_of_turn or SHIPPED[name]
+    if "{eos}" in marker:
+        if not tokenizer.eos_token:
+            raise TemplateError(f"template {name!r} ends turns with the EOS token, but the tokenizer has none")
+        marker = marker.replace("{eos}", tokenizer.eos_token)
+    return ChatTemplate(name, shipped_source(name), marker)

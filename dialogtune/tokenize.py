@@ -1,0 +1,253 @@
+"""Render an example with its chat template once, tokenize it once, label it exactly.
+
+How a message is located without guessing: the template is rendered with each message's
+content replaced by a unique placeholder, and the real contents are spliced back in. This
+gives every message's character span in the exact text `apply_chat_template` produces (the
+first example of a run is checked against a real render). A trained message's span runs
+from its first character through the template's end-of-turn marker; a token is trained when
+it overlaps a trained span (found with `char_to_token`, no per-token Python loop).
+
+Examples longer than `max_length` are cut at message boundaries: each piece keeps the system
+prompt and as much of the most recent context as fits, and no trained message is ever cut.
+A trained message that cannot fit even alone is reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dialogtune.dialogue import Reject
+from dialogtune.tasks import Example
+from dialogtune.templates import ChatTemplate, TemplateError
+
+IGNORE_INDEX = -100
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass(slots=True)
+class Rendered:
+    text: str
+    trained_spans: list[tuple[int, int]]  # character spans, end-of-turn included
+    message_starts: list[int | None]  # character offset of each message's content
+
+
+@dataclass(slots=True)
+class Tokenized:
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where not trained
+    example: Example
+
+
+@dataclass
+class TokenizeStats:
+    examples_in: int = 0
+    examples_split: int = 0  # longer than max_length, cut at turn boundaries into several
+    context_truncated: int = 0  # pieces whose oldest context was dropped to fit
+    turns_too_long: int = 0  # trained turns that cannot fit even alone (listed as rejects)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def compile_template(source: str):
+    """The same compiled Jinja template `apply_chat_template` renders with."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(source)
+
+
+class ExampleEncoder:
+    def __init__(self, tokenizer, template: ChatTemplate, max_length: int):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TemplateError(
+                f"the tokenizer {tokenizer.name_or_path!r} is not a fast (Rust) tokenizer; dialogtune needs"
+                " character offsets, which only fast tokenizers give"
+            )
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.template = template
+        self.max_length = max_length
+        self._compiled = compile_template(template.source)
+        # apply_chat_template passes the special tokens (bos_token, eos_token, ...) to the template.
+        self._variables = dict(tokenizer.special_tokens_map)
+        self._checked = False
+
+    # -- rendering -----------------------------------------------------------------
+    def _render_text(self, chat: list[dict]) -> str:
+        return self._compiled.render(messages=chat, tools=None, documents=None,
+                                     add_generation_prompt=False, **self._variables)
+
+    def render(self, example: Example) -> Rendered:
+        chat = example.chat()
+        skeleton = self._render_text([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(chat)])
+        pieces: list[str] = []
+        starts: list[int | None] = [None] * len(chat)
+        ends: list[int] = [0] * len(chat)
+        order: list[int] = []
+        cursor = length = 0
+        for match in _PLACEHOLDER.finditer(skeleton):
+            index = int(match.group(1))
+            literal = skeleton[cursor : match.start()]
+            pieces.append(literal)
+            length += len(literal)
+            starts[index] = length
+            content = chat[index]["content"]
+            pieces.append(content)
+            length += len(content)
+            ends[index] = length
+            order.append(index)
+            cursor = match.end()
+        pieces.append(skeleton[cursor:])
+        text = "".join(pieces)
+        if not self._checked:
+            self._check_splice(chat, text)
+        spans = []
+        for position, index in enumerate(order):
+            if not example.messages[index]["train"]:
+                continue
+            gap_end = starts[order[position + 1]] if position + 1 < len(order) else len(text)
+            marker = text.find(self.template.end_of_turn, ends[index], gap_end)
+            if marker < 0:
+                raise TemplateError(
+                    f"template {self.template.name!r} does not write its end-of-turn marker"
+                    f" {self.template.end_of_turn!r} after an assistant message"
+                )
+            spans.append((starts[index], marker + len(self.template.end_of_turn)))
+        for index, message in enumerate(example.messages):
+            if message["train"] and starts[index] is None:
+                raise TemplateError(f"template {self.template.name!r} does not render {message['role']!r} messages")
+        return Rendered(text, spans, starts)
+
+    def _check_splice(self, chat: list[dict], text: str) -> None:
+        real = self.tokenizer.apply_chat_template(chat, chat_template=self.template.source, tokenize=False)
+        if real != text:
+            raise TemplateError(
+                f"template {self.template.name!r} changes message text as it renders it (e.g. trims or"
+                " rewrites content); dialogtune needs templates that write each message's content as it is"
+            )
+        self._checked = True
+
+    # -- tokenizing ----------------------------------------------------------------
+    def _labels(self, encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        for start, end in spans:
+            first = _token_at(encoding, start, end, step=1)
+            last = _token_at(encoding, end - 1, start - 1, step=-1)
+            if first is not None and last is not None:
+                labels[first : last + 1] = ids[first : last + 1]
+        # The first token is never predicted (nothing precedes it); making that explicit keeps
+        # packed rows safe: no example is ever trained to follow the previous one.
+        labels[0] = IGNORE_INDEX
+        return labels
+
+    def encode(self, examples: list[Example], stats: TokenizeStats) -> Iterator[Tokenized]:
+        """Tokenize a batch of examples (in parallel, in Rust); yields the ones that fit, split
+        or shortened as needed. Rejects and counts go to `stats`."""
+        rendered = [self.render(example) for example in examples]
+        encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+        stats.examples_in += len(examples)
+        for example, render, encoding in zip(examples, rendered, encodings, strict=True):
+            ids = np.asarray(encoding.ids, dtype=np.int32)
+            if len(ids) <= self.max_length:
+                yield Tokenized(ids, self._labels(encoding, ids, render.trained_spans), example)
+            else:
+                yield from self._fit(example, render, encoding, stats)
+
+    def encode_one(self, example: Example) -> tuple[Tokenized, Rendered]:
+        render = self.render(example)
+        encoding = self.backend.encode(render.text, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        return Tokenized(ids, self._labels(encoding, ids, render.trained_spans), example), render
+
+    # -- fitting long examples ------------------------------------------------------
+    def _fit(self, example: Example, render: Rendered, encoding, stats: TokenizeStats) -> Iterator[Tokenized]:
+        messages = example.messages
+        n_system = 0
+        while n_system < len(messages) and messages[n_system]["role"] == "system":
+            n_system += 1
+        # Token estimate per message from the full encoding: tokens from its start to the next one's.
+        starts = [
+            _token_at(encoding, s, len(render.text), 1) if s is not None else None for s in render.message_starts
+        ]
+        total = len(encoding.ids)
+        known = [s for s in starts if s is not None]
+        sizes = []
+        for s in starts:
+            later = [k for k in known if s is not None and k > s]
+            sizes.append(0 if s is None else (min(later) if later else total) - s)
+        head = starts[n_system] if n_system < len(starts) and starts[n_system] is not None else 0
+        trained = [i for i in range(n_system, len(messages)) if messages[i]["train"]]
+        stats.examples_split += 1
+        cursor = 0
+        while cursor < len(trained):
+            first = trained[cursor]
+            # Context first (the turn being answered, and up to half the row), so a piece never
+            # opens on a reply to nothing;
+            # then as many following turns as fit, then more context if room is left.
+            previous = sizes[first - 1] if first > n_system else 0
+            budget = min(self.max_length, max(self.max_length // 2, head + previous + sizes[first]))
+            begin = self._extend_back(sizes, n_system, first, head + sizes[first], budget)
+            estimate = head + sum(sizes[begin : first + 1])
+            end = first
+            while end + 1 < len(messages) and estimate + sizes[end + 1] <= self.max_length:
+                end += 1
+                estimate += sizes[end]
+            end = max(i for i in trained if first <= i <= end)
+            begin = self._extend_back(sizes, n_system, begin, head + sum(sizes[begin : end + 1]), self.max_length)
+            piece = self._fit_piece(example, n_system, begin, first, end)
+            if piece is None:
+                stats.turns_too_long += 1
+                stats.rejects.append(Reject(
+                    example.source, example.line,
+                    f"trained turn {first - n_system} ({messages[first].get('name') or 'assistant'}) does not fit in"
+                    f" max_length={self.max_length} tokens even without context; raise max_length to keep it",
+                    stage="tokenize", item=example.dialogue_id,
+                ))
+                cursor += 1
+                continue
+            tokenized, begin, end = piece
+            if begin > n_system:
+                stats.context_truncated += 1
+            yield tokenized
+            cursor = next((k for k, i in enumerate(trained) if i > end), len(trained))
+
+    @staticmethod
+    def _extend_back(sizes: list[int], n_system: int, begin: int, estimate: int, budget: int) -> int:
+        while begin - 1 >= n_system and estimate + sizes[begin - 1] <= budget:
+            begin -= 1
+            estimate += sizes[begin]
+        return begin
+
+    def _fit_piece(self, example: Example, n_system: int, begin: int, first: int, end: int):
+        """Render messages[begin..end] (with the system prompt) and shrink until it fits:
+        drop the oldest context first, then trailing trained turns (they go to the next piece)."""
+        messages = example.messages
+        while True:
+            body = [dict(m) for m in messages[begin : end + 1]]
+            for offset, m in enumerate(body):
+                m["train"] = m["train"] and begin + offset >= first
+            piece = Example(messages[:n_system] + body, example.dialogue_id, example.group,
+                            example.source, example.line)
+            tokenized, _ = self.encode_one(piece)
+            if len(tokenized.input_ids) <= self.max_length:
+                return tokenized, begin, end
+            if begin < first:
+                begin += 1
+            elif end > first:
+                end = max(i for i in range(first, end) if messages[i]["train"])
+            else:
+                return None
+
+
+def _token_at(encoding, char: int, stop: int, step: int) -> int | None:
+    """The token covering `char`, moving by `step` past characters no token covers (a space
+    that the tokenizer trims from a token's offsets)."""
+    while char != stop:
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+        char += step
+    return None

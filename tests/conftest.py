@@ -1,0 +1,75 @@
+"""Shared test fixtures: tiny tokenizers trained on the spot (no downloads), and paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+CORPUS = [
+    "Hello there! How are you doing today? I'm fine, thanks for asking.",
+    "Alice: I would like to find a restaurant in San Jose.",
+    "Bob: There are 10 restaurants you may like. What about Sushi Sam?",
+    "User: Summarize the following dialogue:\nAssistant: Amanda baked cookies.",
+    "ASSISTANT: The weather is nice. USER: Yes it is. [INST] <<SYS>> [/INST]",
+] * 20
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+
+
+def _metaspace_tokenizer():
+    """Llama/SentencePiece-style: words carry a leading '▁', a classic source of off-by-one masks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *SPECIALS]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return _byte_level_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer():
+    return _metaspace_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, byte_tokenizer):
+    """A tiny random Llama-style model and its tokenizer (with a ChatML template) on disk."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dialogtune.templates import shipped_source
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=512, pad_token_id=byte_tokenizer.pad_token_id,
+                         bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    byte_tokenizer.chat_template = shipped_source("chatml")
+    byte_tokenizer.save_pretrained(directory)
+    byte_tokenizer.chat_template = None
+    return directory

@@ -1,0 +1,61 @@
+"""Config validation: errors that name the key, the bad value and what would be valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from dialogtune.config import ConfigError, build_config, load_yaml, merge, parse_overrides
+
+
+def test_minimal_config_gets_defaults():
+    config = build_config({"data": {"path": "chats.jsonl"}})
+    assert config.data.path == ["chats.jsonl"]
+    assert (config.task.name, config.task.context, config.model.name, config.template.name) == (
+        "respond", "full", "smollm2-135m-instruct", "model")
+    assert (config.max_length, config.pack, config.split.validation) == (1024, False, 0.1)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'task.contxt'; did you mean 'task.context'\?"):
+        build_config({"data": {"path": "x"}, "task": {"contxt": "full"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'max_lenght'; did you mean 'max_length'\?"):
+        build_config({"data": {"path": "x"}, "max_lenght": 5})
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"max_length: .*integer.*\(got 'long'\)"):
+        build_config({"data": {"path": "x"}, "max_length": "long"})
+    with pytest.raises(ConfigError, match=r"split.validation: .*less than 1"):
+        build_config({"data": {"path": "x"}, "split": {"validation": 1.5}})
+
+
+def test_missing_data_path_is_named():
+    with pytest.raises(ConfigError, match="missing required key 'data.path'"):
+        build_config({"data": {}})
+
+
+def test_rounds_and_as_accept_short_forms():
+    config = build_config({"data": {"path": "x"}, "task": {"as": "Bob", "context": {"rounds": 5}}})
+    assert config.task.speakers_as == ["Bob"] and config.task.context.rounds == 5
+
+
+def test_overrides_parse_yaml_values_and_merge_deeply():
+    tree = parse_overrides(["task.context.rounds=3", "pack=true", "task.as=[Bob, Alice]"])
+    assert tree == {"task": {"context": {"rounds": 3}, "as": ["Bob", "Alice"]}, "pack": True}
+    merged = merge({"task": {"name": "respond", "as": "X"}}, tree)
+    assert merged["task"] == {"name": "respond", "as": ["Bob", "Alice"], "context": {"rounds": 3}}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["pack"])
+
+
+def test_yaml_paths_are_relative_to_the_config(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    config = tmp_path / "jobs" / "job.yaml"
+    config.write_text("data:\n  path: ../data/chats.jsonl\n")
+    assert load_yaml(config)["data"]["path"] == [str(tmp_path / "jobs" / "../data/chats.jsonl")]
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)

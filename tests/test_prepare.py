@@ -1,0 +1,152 @@
+"""`prepare` end to end on a tiny model: counts, rejects, splits, cache, strictness."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from dialogtune.config import ConfigError, build_config
+from dialogtune.prepare import StrictError, prepare
+from dialogtune.readers import DataError
+from dialogtune.tokenize import IGNORE_INDEX
+
+TRANSCRIPT = """Narrator: no, this line is narration because of the speakers list.
+Alice: Hello Bob, how are you?
+Bob: Fine, thanks. (smiles) And you?
+Alice: Not bad at all.
+Bob: Good to hear.
+
+Alice: Where were we?
+Bob:
+Bob: At the station.
+---
+Carol: Nobody named Bob speaks in this scene.
+Alice: Indeed.
+"""
+
+
+def make_config(tmp_path, model_dir, **overrides):
+    data = tmp_path / "play.txt"
+    data.write_text(TRANSCRIPT, encoding="utf-8")
+    raw = {
+        "data": {"path": str(data), "format": "transcript", "speakers": ["Alice", "Bob", "Carol"]},
+        "task": {"as": "Bob"},
+        "split": {"validation": 0.0},
+        "model": {"name": str(model_dir)},
+        "template": {"name": "transcript"},
+        "max_length": 128,
+        "output": str(tmp_path / "out"),
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    return build_config(raw)
+
+
+def test_prepare_writes_dataset_stats_rejects_and_manifest(tmp_path, tiny_model_dir):
+    result = prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())
+    assert result.stats == stats and not result.cache_hit
+    assert stats["dialogues_read"] == 3  # three scenes
+    assert stats["examples"] == 2  # Carol's scene has no Bob turn
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["stage"], r["reason"]) for r in rejects] == [
+        (8, "read", "empty text after speaker 'Bob'"),
+        (11, "task", "no turn by Bob"),
+    ]
+    assert stats["rejected"] == 2
+    train = datasets.load_from_disk(str(out / "train"))
+    assert len(train) == 2 and not (out / "validation").exists()  # validation: 0 writes no split
+    manifest = json.loads((out / "prepare.json").read_text())
+    assert manifest["template"]["name"] == "transcript" and manifest["template"]["end_of_turn"] == "\n"
+    assert manifest["stop_strings"] == ["\n", "\nAlice:", "\nCarol:"]
+    assert manifest["speakers_as"] == ["Bob"]
+    assert len(manifest["fingerprint"]) == 32
+    # Exactly Bob's lines (and their newline) are trained.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = train[0]
+    ids = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    lines = [line.strip() for line in tokenizer.decode(ids).strip().split("\n")]
+    assert lines == ["Fine, thanks. (smiles) And you?", "Good to hear."]
+    assert stats["trained_tokens"] == sum(
+        sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in train)
+
+
+def test_second_identical_run_is_a_cache_hit_and_a_change_is_not(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir)
+    prepare(config, quiet=True)
+    assert prepare(config).cache_hit
+    assert "cache hit" in capsys.readouterr().out
+    changed = make_config(tmp_path, tiny_model_dir, max_length=96)
+    assert not prepare(changed, quiet=True).cache_hit
+    (tmp_path / "play.txt").write_text(TRANSCRIPT + "Bob: One more line.\n", encoding="utf-8")
+    assert not prepare(changed, quiet=True).cache_hit  # same config, new data
+
+
+def test_strict_stops_at_the_first_bad_record(tmp_path, tiny_model_dir):
+    with pytest.raises(StrictError, match=r"play.txt:8: empty text after speaker 'Bob' \(stopped: --strict\)"):
+        prepare(make_config(tmp_path, tiny_model_dir, strict=True), quiet=True)
+
+
+def test_unknown_speaker_lists_the_speakers_that_occur(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, task={"as": "Bobby"})
+    with pytest.raises(DataError, match=r"speaker 'Bobby' never occurs in 3 dialogues; speakers that do: Alice \(4\), Bob"):
+        prepare(config, quiet=True)
+
+
+def test_respond_without_as_says_who_could_be(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, task={"as": None})
+    with pytest.raises(ConfigError, match=r"task.as \(--as\) is required.*Alice \(4\)"):
+        prepare(config, quiet=True)
+
+
+def test_split_is_by_dialogue_and_seeded(tmp_path, tiny_model_dir):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}."},
+                          {"role": "user", "content": "More?"},
+                          {"role": "assistant", "content": f"Yes {i}."}], "id": f"conv{i}"} for i in range(20)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def run(seed, out):
+        config = build_config({"data": {"path": str(data)}, "task": {"as": "assistant", "context": {"rounds": 1}},
+                               "split": {"validation": 0.25, "seed": seed}, "model": {"name": str(tiny_model_dir)},
+                               "template": {"name": "chatml"}, "output": str(tmp_path / out)})
+        prepare(config, quiet=True)
+        splits = {s: datasets.load_from_disk(str(tmp_path / out / s)) for s in ("train", "validation")}
+        return {s: [d for row in ds["dialogue_ids"] for d in row] for s, ds in splits.items()}
+
+    first = run(0, "a")
+    assert len(first["train"]) == 30 and len(first["validation"]) == 10  # 2 windows per conversation
+    assert not set(first["train"]) & set(first["validation"])  # no conversation on both sides
+    assert run(0, "b") == first
+    assert run(1, "c")["validation"] != first["validation"]
+
+
+def test_packing_fills_rows_and_reports_efficiency(tmp_path, tiny_model_dir):
+    rows = [{"input": f"Summarize the following dialogue:\nA: hi {i}\nB: hello", "response": f"They greet {i}."}
+            for i in range(30)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = build_config({"data": {"path": str(data)}, "task": {"as": "assistant"}, "split": {"validation": 0},
+                           "model": {"name": str(tiny_model_dir)}, "template": {"name": "user_assistant"},
+                           "max_length": 256, "pack": True, "output": str(tmp_path / "packed")})
+    stats = prepare(config, quiet=True).stats["splits"]["train"]
+    assert stats["examples"] == 30 and stats["rows"] < 30
+    assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (stats["rows"] * 256), abs=1e-4)
+    assert stats["padding_fraction"] == pytest.approx(1 - stats["packing_efficiency"], abs=1e-4)
+    train = datasets.load_from_disk(str(tmp_path / "packed" / "train"))
+    assert sum(len(r) for r in train["dialogue_ids"]) == 30
+    assert all(len(r) <= 256 for r in train["input_ids"])
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path, tiny_model_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"

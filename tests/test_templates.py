@@ -1,0 +1,138 @@
+"""Every shipped template, and SmolLM2's own, gives exactly the ids apply_chat_template gives,
+with exactly the trained messages (plus their end-of-turn marker) labelled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dialogtune.tasks import Example, message
+from dialogtune.templates import SHIPPED, TemplateError, detect_end_of_turn, resolve_template, shipped_source
+from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder
+
+CONVERSATION = [
+    message("system", "You are Bob, a friendly travel agent."),
+    message("user", "Hello there! How are you doing today?", name="Alice"),
+    message("assistant", "I'm fine, thanks for asking.", name="Bob", train=True),
+    message("user", "I would like to find a restaurant in San Jose.", name="Alice"),
+    message("assistant", "There are 10 restaurants you may like. What about Sushi Sam?", name="Bob", train=True),
+]
+
+
+def example(messages=CONVERSATION) -> Example:
+    return Example([dict(m) for m in messages], "d0", "d0", "test", 1)
+
+
+def reference_ids(tokenizer, chat, source) -> list[int]:
+    return tokenizer.apply_chat_template(chat, chat_template=source, tokenize=True, return_dict=False)
+
+
+def trained_runs(tokenizer, ids: np.ndarray, labels: np.ndarray) -> list[str]:
+    mask = labels != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    return [tokenizer.decode(chunk.tolist()) for chunk, m in zip(np.split(ids, edges), np.split(mask, edges)) if m[0]]
+
+
+def check_exact(tokenizer, template_name: str, source_tokenizer=None):
+    template = resolve_template(template_name, tokenizer)
+    encoder = ExampleEncoder(tokenizer, template, max_length=4096)
+    tokenized, _ = encoder.encode_one(example())
+    chat = example().chat()
+    assert tokenized.input_ids.tolist() == reference_ids(tokenizer, chat, template.source)
+    # Labels equal ids where trained, and the trained runs are exactly the assistant turns + marker.
+    trained = tokenized.labels != IGNORE_INDEX
+    assert (tokenized.labels[trained] == tokenized.input_ids[trained]).all()
+    assert tokenized.labels[0] == IGNORE_INDEX
+    runs = trained_runs(tokenizer, tokenized.input_ids, tokenized.labels)
+    # Llama 2 writes " </s>" after an answer: the space belongs to the trained turn too.
+    gap = " " if template_name == "llama2" else ""
+    expected = [m["content"] + gap + template.end_of_turn for m in CONVERSATION if m["train"]]
+    assert len(runs) == len(expected)
+    for run, want in zip(runs, expected):
+        # A token may straddle the end of the marker (a Metaspace "\nA" joins the newline to the
+        # next speaker's name); it is trained because it holds the marker. Nothing more may be.
+        run = run.lstrip(" ")
+        assert run.startswith(want) and len(run) - len(want) <= 1, (run, want)
+    return tokenized
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_template_matches_apply_chat_template_byte_level(byte_tokenizer, name):
+    check_exact(byte_tokenizer, name)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_template_matches_apply_chat_template_metaspace(metaspace_tokenizer, name):
+    check_exact(metaspace_tokenizer, name)
+
+
+@pytest.mark.parametrize("name", ["user_assistant", "llama2", "vicuna"])
+def test_no_double_bos(byte_tokenizer, name):
+    tokenized = check_exact(byte_tokenizer, name)
+    bos = byte_tokenizer.bos_token_id
+    assert tokenized.input_ids[0] == bos
+    assert tokenized.input_ids[1] != bos
+    # llama2 opens one block per user turn, each with exactly one BOS.
+    expected = 2 if name == "llama2" else 1
+    assert int((tokenized.input_ids == bos).sum()) == expected
+
+
+def test_transcript_names_speakers_and_ends_turns_with_newline(byte_tokenizer):
+    template = resolve_template("transcript", byte_tokenizer)
+    text = byte_tokenizer.apply_chat_template(example().chat(), chat_template=template.source, tokenize=False)
+    assert text.splitlines() == [
+        "You are Bob, a friendly travel agent.",
+        "Alice: Hello there! How are you doing today?",
+        "Bob: I'm fine, thanks for asking.",
+        "Alice: I would like to find a restaurant in San Jose.",
+        "Bob: There are 10 restaurants you may like. What about Sushi Sam?",
+    ]
+    prompt = byte_tokenizer.apply_chat_template(example().chat()[:4], chat_template=template.source,
+                                                tokenize=False, add_generation_prompt=True, assistant_name="Bob")
+    assert prompt.endswith("\nBob:")
+    assert template.end_of_turn == "\n"
+
+
+def test_model_template_end_of_turn_is_detected(byte_tokenizer):
+    assert detect_end_of_turn(byte_tokenizer, shipped_source("chatml")) == "<|im_end|>"
+    with pytest.raises(TemplateError, match="set template.end_of_turn"):
+        detect_end_of_turn(byte_tokenizer, shipped_source("transcript"))
+
+
+def test_tokenizer_without_template_is_refused_with_the_choices(byte_tokenizer):
+    assert byte_tokenizer.chat_template is None
+    with pytest.raises(TemplateError, match="no chat template of its own.*chatml, user_assistant"):
+        resolve_template("model", byte_tokenizer)
+
+
+def test_unknown_template_suggests_a_name(byte_tokenizer):
+    with pytest.raises(TemplateError, match="did you mean 'chatml'"):
+        resolve_template("chatlm", byte_tokenizer)
+
+
+def test_template_that_rewrites_content_is_refused(byte_tokenizer):
+    from dialogtune.templates import ChatTemplate
+
+    upper = "{% for m in messages %}{{ m['content'] | upper }}{{ eos_token }}{% endfor %}"
+    encoder = ExampleEncoder(byte_tokenizer, ChatTemplate("upper", upper, "</s>"), 512)
+    with pytest.raises(TemplateError, match="changes message text"):
+        encoder.encode_one(example())
+
+
+@pytest.mark.slow
+def test_smollm2_own_template_is_exact():
+    from dialogtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    template = resolve_template("model", tokenizer)
+    assert template.end_of_turn == "<|im_end|>"
+    encoder = ExampleEncoder(tokenizer, template, max_length=4096)
+    for messages in (CONVERSATION, CONVERSATION[1:]):  # with and without a system prompt
+        tokenized, _ = encoder.encode_one(example(messages))
+        chat = example(messages).chat()
+        assert tokenized.input_ids.tolist() == reference_ids(tokenizer, chat, template.source)
+        runs = trained_runs(tokenizer, tokenized.input_ids, tokenized.labels)
+        assert runs == [m["content"] + "<|im_end|>" for m in messages if m["train"]]
+    # Without a system message SmolLM2's template writes its default one: untrained.
+    text = tokenizer.decode(tokenized.input_ids.tolist())
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
