@@ -112,13 +112,13 @@ def reader_options(config: PrepareConfig) -> dict[str, Any]:
 
 # -- the job ------------------------------------------------------------------------
 def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) -> Prepared:
-    started = time.perf_counter()
     out = Path(config.output)
     for path in config.data.path:
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or directory")
     tokenizer = load_tokenizer(config.model.name)
     template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn)
+    started = time.perf_counter()  # preparation proper: loading the tokenizer is not part of it
     key = fingerprint(config, tokenizer, template)
     previous = out / "prepare.json"
     if not force and previous.exists() and (out / "stats.json").exists():

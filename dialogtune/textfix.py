@@ -9,6 +9,7 @@ import ftfy
 _SPACES = re.compile(r"[ \t\r\f\v\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _NEWLINES = re.compile(r" ?\n ?")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+_ASCII_WORK = re.compile(r"[\t\r\n\f\v]| {2}")
 
 
 def clean_text(text: str) -> str:
@@ -17,7 +18,10 @@ def clean_text(text: str) -> str:
     ftfy is only consulted for non-ASCII text: pure ASCII cannot hold mojibake, and
     skipping it keeps reading fast on the (mostly ASCII) corpora people train on.
     """
-    if not text.isascii():
+    if text.isascii():
+        if not _ASCII_WORK.search(text):
+            return text.strip()  # the common case: nothing to repair or collapse
+    else:
         # unescape_html=False: ftfy would decode `&amp;` only in texts that also hold a
         # non-ASCII character, so the same entity would come out two ways depending on the line.
         text = ftfy.fix_text(text, normalization="NFC", unescape_html=False)

@@ -2,8 +2,9 @@
 
 How a message is located without guessing: the template is rendered with each message's
 content replaced by a unique placeholder, and the real contents are spliced back in. This
-gives every message's character span in the exact text `apply_chat_template` produces (the
-first example of a run is checked against a real render). A trained message's span runs
+gives every message's character span in the exact text `apply_chat_template` produces. The
+placeholder render depends only on the roles and names, so it is done once per dialogue shape
+and checked against a real render (see VERIFY_EVERY). A trained message's span runs
 from its first character through the template's end-of-turn marker; a token is trained when
 it overlaps a trained span (found with `char_to_token`, no per-token Python loop).
 
@@ -26,6 +27,10 @@ from dialogtune.templates import ChatTemplate, TemplateError
 
 IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+MAX_SKELETONS = 4096
+# Every new dialogue shape, and every VERIFY_EVERY-th example, is also rendered for real and
+# compared: a template whose output depends on message content is refused, not trusted.
+VERIFY_EVERY = 1000
 
 
 @dataclass(slots=True)
@@ -73,36 +78,51 @@ class ExampleEncoder:
         self._compiled = compile_template(template.source)
         # apply_chat_template passes the special tokens (bos_token, eos_token, ...) to the template.
         self._variables = dict(tokenizer.special_tokens_map)
-        self._checked = False
+        self._skeletons: dict[tuple, tuple[list[str], list[int]]] = {}
+        self._rendered = 0
 
     # -- rendering -----------------------------------------------------------------
     def _render_text(self, chat: list[dict]) -> str:
         return self._compiled.render(messages=chat, tools=None, documents=None,
                                      add_generation_prompt=False, **self._variables)
 
+    def _skeleton(self, chat: list[dict]) -> tuple[list[str], list[int], bool]:
+        """The template's own text around the messages: literal pieces and the message order.
+        It depends only on the roles and names, so it is rendered once per shape of dialogue."""
+        key = tuple((m["role"], m.get("name")) for m in chat)
+        cached = self._skeletons.get(key)
+        if cached is not None:
+            return (*cached, False)
+        skeleton = self._render_text([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(chat)])
+        literals, order, cursor = [], [], 0
+        for match in _PLACEHOLDER.finditer(skeleton):
+            literals.append(skeleton[cursor : match.start()])
+            order.append(int(match.group(1)))
+            cursor = match.end()
+        literals.append(skeleton[cursor:])
+        if len(self._skeletons) >= MAX_SKELETONS:
+            self._skeletons.clear()
+        self._skeletons[key] = (literals, order)
+        return literals, order, True
+
     def render(self, example: Example) -> Rendered:
         chat = example.chat()
-        skeleton = self._render_text([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(chat)])
-        pieces: list[str] = []
+        literals, order, new_shape = self._skeleton(chat)
+        pieces: list[str] = [literals[0]]
         starts: list[int | None] = [None] * len(chat)
         ends: list[int] = [0] * len(chat)
-        order: list[int] = []
-        cursor = length = 0
-        for match in _PLACEHOLDER.finditer(skeleton):
-            index = int(match.group(1))
-            literal = skeleton[cursor : match.start()]
-            pieces.append(literal)
-            length += len(literal)
-            starts[index] = length
+        length = len(literals[0])
+        for position, index in enumerate(order):
             content = chat[index]["content"]
-            pieces.append(content)
+            starts[index] = length
             length += len(content)
             ends[index] = length
-            order.append(index)
-            cursor = match.end()
-        pieces.append(skeleton[cursor:])
+            literal = literals[position + 1]
+            pieces += (content, literal)
+            length += len(literal)
         text = "".join(pieces)
-        if not self._checked:
+        self._rendered += 1
+        if new_shape or self._rendered % VERIFY_EVERY == 1:
             self._check_splice(chat, text)
         spans = []
         for position, index in enumerate(order):
@@ -126,9 +146,9 @@ class ExampleEncoder:
         if real != text:
             raise TemplateError(
                 f"template {self.template.name!r} changes message text as it renders it (e.g. trims or"
-                " rewrites content); dialogtune needs templates that write each message's content as it is"
+                " rewrites content, or depends on it); dialogtune needs templates that write each message's"
+                " content as it is"
             )
-        self._checked = True
 
     # -- tokenizing ----------------------------------------------------------------
     def _labels(self, encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:

@@ -21,8 +21,8 @@ ROLE_LABELS = {"bot_0": "A", "bot_1": "B", "Speaker 1": "A", "Speaker 2": "B"}
 
 def speaker_of(turn: dict) -> str | None:
     token_ids = turn.get("token_ids")
-    if token_ids:
-        return BART_SPEAKER_IDS.get(token_ids[0])
+    if token_ids and token_ids[0] in BART_SPEAKER_IDS:
+        return BART_SPEAKER_IDS[token_ids[0]]
     return ROLE_LABELS.get(str(turn.get("role")))
 
 
@@ -46,8 +46,8 @@ def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
                 yield Reject(
                     source,
                     None,
-                    f"cannot tell the speaker of role {raw.get('role')!r}: no token_ids and not one"
-                    f" of {sorted(ROLE_LABELS)}",
+                    f"cannot tell the speaker of role {raw.get('role')!r}: token_ids do not start with"
+                    f" 250 (A) or 387 (B), and the role is not one of {sorted(ROLE_LABELS)}",
                     item=item,
                 )
                 continue

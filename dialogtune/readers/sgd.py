@@ -1,7 +1,8 @@
 """Schema-Guided Dialogue: a directory of `dialogues_*.json` plus `schema.json`.
 
 Speakers are `USER` and `SYSTEM`. Each turn keeps its `frames` (service, slot spans,
-actions, and for user turns the dialogue state with the active intent) in `turn.meta`;
+actions, and for user turns the dialogue state with the active intent) in `turn.meta`, and
+the raw `utterance` there too when cleaning changed the text (slot spans index the raw one);
 each dialogue keeps its services and their schemas in `dialogue.meta`, for the
 understanding task.
 """
@@ -33,7 +34,10 @@ def load_schemas(schema_path: Path | None) -> dict[str, dict]:
     schema = load_json(schema_path)
     if not isinstance(schema, list):
         raise DataError(f"{schema_path}: expected a list of service schemas")
-    return {service["service_name"]: service for service in schema if isinstance(service, dict)}
+    for index, service in enumerate(schema):
+        if not isinstance(service, dict) or not isinstance(service.get("service_name"), str):
+            raise DataError(f"{schema_path}: schema entry [{index}] needs a string field 'service_name'")
+    return {service["service_name"]: service for service in schema}
 
 
 def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
@@ -60,7 +64,10 @@ def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
                 if not text:
                     yield Reject(source, None, "empty utterance", item=where + ".utterance")
                     continue
-                turns.append(Turn(str(turn.get("speaker", "")), text, meta={"frames": turn.get("frames", [])}))
+                meta = {"frames": turn.get("frames", [])}
+                if text != turn["utterance"]:
+                    meta["utterance"] = turn["utterance"]  # the text slot spans point into
+                turns.append(Turn(str(turn.get("speaker", "")), text, meta=meta))
             services = raw.get("services", [])
             meta = {"services": services, "schemas": {s: schemas[s] for s in services if s in schemas}}
             if turns:

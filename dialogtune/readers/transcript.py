@@ -49,18 +49,19 @@ def read(
     **_: object,
 ) -> Iterator[Dialogue | Reject]:
     source = str(path)
-    # Longest names first so "Bob Smith:" is not taken for "Bob" + " Smith:".
-    known = sorted(speakers, key=len, reverse=True) if speakers else None
+    known = list(speakers) if speakers else None
     turns: list[Turn] = []
     scene_line = 1
     scene = 0
 
-    def flush() -> Iterator[Dialogue]:
+    def flush() -> Iterator[Dialogue | Reject]:
         nonlocal turns, scene
         if any(t.speaker is not None for t in turns):
             scene_id = f"{path.name}#scene{scene}"
             yield Dialogue(scene_id, turns, source=source, line=scene_line)
             scene += 1
+        elif turns:
+            yield Reject(source, scene_line, f"scene of {len(turns)} narration line(s) and no speaker line")
         turns = []
 
     with open_text(path) as fh:

@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from dialogtune.inspect import GREEN, RESET, example_bounds, locate, render_marked
+from dialogtune.readers import DataError
+
+
+def test_example_bounds_follow_restarting_positions():
+    assert example_bounds([0, 1, 2, 0, 1, 0]) == [(0, 3), (3, 5), (5, 6)]
+
+
+def test_locate_counts_examples_across_packed_rows():
+    dataset = {"position_ids": [[0, 1, 0, 1, 2], [0, 1, 2, 3], [0, 0]]}
+    assert locate(dataset, 0) == (0, 0, 2, 5)
+    assert locate(dataset, 2) == (1, 0, 4, 5)
+    assert locate(dataset, 4) == (2, 1, 2, 5)
+    with pytest.raises(DataError, match=r"--index 5 is out of range: this split has 5 examples \(0..4\)"):
+        locate(dataset, 5)
+
+
+def test_marking_in_colour_and_in_brackets(byte_tokenizer):
+    ids = np.array(byte_tokenizer.encode("Hello there! How are you doing today?"))
+    trained = np.zeros(len(ids), dtype=bool)
+    trained[2:4] = True
+    plain = render_marked(byte_tokenizer, ids, trained, colour=False)
+    coloured = render_marked(byte_tokenizer, ids, trained, colour=True)
+    inner = byte_tokenizer.decode(ids[2:4].tolist())
+    assert f"[[{inner}]]" in plain and plain.replace("[[", "").replace("]]", "") == byte_tokenizer.decode(ids.tolist())
+    assert f"{GREEN}{inner}{RESET}" in coloured

@@ -1,0 +1,105 @@
+"""Format detection and dispatch: every fixture, `.gz` transparency, and the errors."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dialogtune.dialogue import Dialogue
+from dialogtune.readers import FORMATS, DataError, detect_format, read_dialogues
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+EXPECTED = {
+    "msc_sample.json": "msc",
+    "dialogpt_samples.json": "endoftext",
+    "dialogpt_samples.txt": "endoftext",
+    "transcript.txt": "transcript",
+    "script.csv": "script_csv",
+    "script_custom.csv": "script_csv",
+    "pairs.jsonl": "rows",
+    "pairs.csv": "rows",
+    "samsum_like.json": "rows",
+    "sgd": "sgd",
+    "sgd/dialogues_001.json": "sgd",
+    "messages.jsonl": "messages",
+    "personachat.txt": "parlai",
+}
+
+OPTIONS = {"script_custom.csv": {"columns": {"episode": "ep", "speaker": "who", "text": "said"}}}
+
+
+@pytest.mark.parametrize(("name", "fmt"), sorted(EXPECTED.items()))
+def test_detects_every_fixture(name, fmt):
+    assert detect_format(FIXTURES / name) == fmt
+
+
+def test_every_fixture_file_is_covered():
+    on_disk = {p.relative_to(FIXTURES).as_posix() for p in FIXTURES.rglob("*") if p.is_file()}
+    assert on_disk - {"sgd/schema.json"} == set(EXPECTED) - {"sgd"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if n != "sgd"))
+def test_gzip_is_transparent(tmp_path, name):
+    source = FIXTURES / name
+    packed = tmp_path / (source.name + ".gz")
+    with open(source, "rb") as src, gzip.open(packed, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert detect_format(packed) == EXPECTED[name]
+
+    def summary(path):
+        return [(type(o).__name__, o.id if isinstance(o, Dialogue) else o.reason,
+                 [(t.speaker, t.text) for t in o.turns] if isinstance(o, Dialogue) else (o.line, o.item))
+                for o in read_dialogues(path, **OPTIONS.get(name, {}))]
+
+    plain = summary(source)
+    # Ids built from the file name carry the `.gz`; everything else must be identical.
+    assert summary(packed) == [(kind, ident.replace(source.name, packed.name) if isinstance(ident, str) else ident,
+                                rest) for kind, ident, rest in plain]
+
+
+def test_read_dialogues_dispatches_to_the_named_format():
+    out = list(read_dialogues(FIXTURES / "script_custom.csv", fmt="script_csv",
+                              columns={"episode": "ep", "speaker": "who", "text": "said"}))
+    assert [d.id for d in out] == ["script_custom.csv#1", "script_custom.csv#2"]
+
+
+def test_unknown_format_lists_the_known_ones():
+    with pytest.raises(DataError) as err:
+        read_dialogues(FIXTURES / "transcript.txt", fmt="xml")
+    assert str(err.value) == ("unknown format 'xml'; known formats: "
+                              "msc, endoftext, transcript, script_csv, rows, sgd, messages, parlai")
+    assert list(FORMATS) == ["msc", "endoftext", "transcript", "script_csv", "rows", "sgd", "messages", "parlai"]
+
+
+def test_undetectable_json_names_the_formats(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"learning_rate": 0.0001, "epochs": 3}')
+    with pytest.raises(DataError, match=r"cannot tell the format; name it with --format \(msc, endoftext, "
+                                        r"transcript, script_csv, rows, sgd, messages, parlai\)"):
+        detect_format(path)
+
+
+def test_missing_file():
+    missing = FIXTURES / "no_such_file.jsonl"
+    with pytest.raises(DataError, match=r"no_such_file\.jsonl: no such file or directory"):
+        read_dialogues(missing)
+
+
+def test_directory_that_is_neither_sgd_nor_a_dataset(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="neither SGD"):
+        detect_format(tmp_path)
+
+
+def test_parlai_field_layout_and_gzipped_name_suffix(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("text:hi\tlabels:hello\tepisode_done:True\n")
+    assert detect_format(path) == "parlai"
+    packed = tmp_path / "train.JSONL.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as fh:
+        fh.write('{"input": "hi", "response": "hello"}\n')
+    assert detect_format(packed) == "rows"
