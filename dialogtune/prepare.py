@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,29 +141,45 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             raise StrictError(f"{reject} (stopped: --strict)")
         rejects.append(reject)
 
+    # Tokenizing runs in a worker thread (Rust, no GIL) while this thread reads and renders the
+    # next batch; labelling a batch waits for its tokens.
+    worker = ThreadPoolExecutor(max_workers=1)
+    in_flight: list[tuple[list[Example], list, Future]] = []
+
+    def collect() -> None:
+        while in_flight:
+            batch, rendered, future = in_flight.pop(0)
+            tokenized.extend(encoder.label(batch, rendered, future.result(), tok_stats))
+
     def flush() -> None:
-        tokenized.extend(encoder.encode(pending, tok_stats))
+        rendered = [encoder.render(example) for example in pending]
+        collect()
+        in_flight.append((list(pending), rendered, worker.submit(encoder.tokenize, rendered)))
         pending.clear()
 
     bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
-    with no_gc():
-        for path in config.data.path:
-            for item in read_dialogues(Path(path), config.data.format, **reader_options(config)):
-                if isinstance(item, Reject):
-                    note_reject(item)
-                    continue
-                dialogues += 1
-                bar.update()
-                speakers.update(t.speaker for t in item.turns if t.speaker)
-                made = examples_of(item, config)
-                if isinstance(made, Reject):
-                    note_reject(made)
-                    continue
-                pending.extend(made)
-                if len(pending) >= BATCH:
-                    flush()
-        flush()
-    bar.close()
+    try:
+        with no_gc():
+            for path in config.data.path:
+                for item in read_dialogues(Path(path), config.data.format, **reader_options(config)):
+                    if isinstance(item, Reject):
+                        note_reject(item)
+                        continue
+                    dialogues += 1
+                    bar.update()
+                    speakers.update(t.speaker for t in item.turns if t.speaker)
+                    made = examples_of(item, config)
+                    if isinstance(made, Reject):
+                        note_reject(made)
+                        continue
+                    pending.extend(made)
+                    if len(pending) >= BATCH:
+                        flush()
+            flush()
+            collect()
+    finally:
+        worker.shutdown(cancel_futures=True)
+        bar.close()
     for reject in tok_stats.rejects:
         note_reject(reject)
     if not tokenized:

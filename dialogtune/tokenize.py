@@ -167,7 +167,15 @@ class ExampleEncoder:
         """Tokenize a batch of examples (in parallel, in Rust); yields the ones that fit, split
         or shortened as needed. Rejects and counts go to `stats`."""
         rendered = [self.render(example) for example in examples]
-        encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+        yield from self.label(examples, rendered, self.tokenize(rendered), stats)
+
+    def tokenize(self, rendered: list[Rendered]) -> list:
+        """The Rust tokenizer over a batch. It releases the GIL, so a caller may run it in a
+        thread while it renders the next batch."""
+        return self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+
+    def label(self, examples: list[Example], rendered: list[Rendered], encodings: list,
+              stats: TokenizeStats) -> Iterator[Tokenized]:
         stats.examples_in += len(examples)
         for example, render, encoding in zip(examples, rendered, encodings, strict=True):
             ids = np.asarray(encoding.ids, dtype=np.int32)
