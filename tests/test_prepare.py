@@ -150,3 +150,14 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="is not a prepared dataset"):
         prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_tokenizer_without_pad_token_is_noted_not_fatal(tmp_path, metaspace_tokenizer):
+    assert metaspace_tokenizer.pad_token is None
+    model_dir = tmp_path / "no-pad"
+    metaspace_tokenizer.save_pretrained(model_dir)
+    config = make_config(tmp_path, model_dir, output=str(tmp_path / "np"))
+    prepare(config, quiet=True)
+    tokenizer_info = json.loads((tmp_path / "np" / "prepare.json").read_text())["tokenizer"]
+    assert tokenizer_info["pad_token_id"] == metaspace_tokenizer.eos_token_id
+    assert "no pad token" in tokenizer_info["pad_note"] and "never learned from" in tokenizer_info["pad_note"]
