@@ -2,6 +2,8 @@
 
     dialogtune prepare CONFIG.yaml|DATA [--set key=value ...] [quick flags]
     dialogtune inspect PREPARED_DIR [--index N] [--split validation]
+    dialogtune train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
+    dialogtune export RUN_DIR --merge [-o DIR]
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dialogtune.config import ConfigError, build_config, load_yaml, merge, parse_overrides
+from dialogtune.config import ConfigError, TrainJobConfig, build_config, load_yaml, merge, parse_overrides
 from dialogtune.models import ModelError
 from dialogtune.readers import FORMATS, DataError
 from dialogtune.templates import TemplateError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "your input or setup is wrong": a message, not a traceback."""
+    from dialogtune.train.collate import Seq2SeqRowError
+    from dialogtune.train.export import ExportError
+    from dialogtune.train.model import TrainSetupError
+    from dialogtune.train.run import RunError
+
+    return (*USER_ERRORS, TrainSetupError, RunError, ExportError, Seq2SeqRowError)
 
 
 def _prepare_parser(sub) -> None:
@@ -81,6 +93,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dialogtune.train.run import train
+
+    raw = merge(load_yaml(Path(args.config)), parse_overrides(args.overrides))
+    config = build_config(raw, args.config, schema=TrainJobConfig)
+    summary = train(config, overwrite=args.overwrite, resume=args.resume)
+    if summary.get("interrupted"):
+        print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint {summary['checkpoint']}"
+              f" (continue with --resume)", file=sys.stderr)
+        return 130 if summary["interrupted"] == "SIGINT" else 143
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dialogtune.train.export import export_merged
+
+    if not args.merge:
+        print("dialogtune export: nothing to do: pass --merge to fold the LoRA adapter into the base model",
+              file=sys.stderr)
+        return 2
+    print(f"merged model written to {export_merged(Path(args.run), args.output)}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -96,11 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", help="a directory written by `dialogtune prepare`")
     p.add_argument("--index", type=int, default=0, help="which example (default 0)")
     p.add_argument("--split", default="train", choices=["train", "validation"])
+    p = sub.add_parser("train", help="fine-tune a model on a job config (prepares the data first, cached)")
+    p.add_argument("config", help="the job's YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
+    p = sub.add_parser("export", help="write a merged full model from a LoRA run")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base model")
+    p.add_argument("-o", "--output", help="output directory (default RUN/merged)")
     args = parser.parse_args(argv)
-    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect}
+    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export}
     try:
         return handlers[args.command](args)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         print(f"dialogtune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -82,6 +82,35 @@ class PrepareConfig(Strict):
     strict: bool = False  # stop at the first bad record instead of counting it
 
 
+class LoraConfig(Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"  # module names, or all-linear
+
+
+class EvalConfig(Strict):
+    every: int | None = None  # evaluate every N optimizer steps; None = once per epoch
+    keep_best: int = Field(default=2, ge=1)  # checkpoints kept by metric (the newest is always kept too)
+    metric: str = "eval_loss"  # lower is better for *loss / *perplexity, higher for the rest
+
+
+class TrainJobConfig(PrepareConfig):
+    """A whole job: the prepare sections plus how to train. `train:` goes to
+    transformers.TrainingArguments unchanged (learning_rate, num_train_epochs, max_steps, ...)."""
+
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    quantization_bits: Literal[4, 8] = 4  # qlora
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalConfig = EvalConfig()
+    run_dir: str = "runs/run"
+    resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
+    max_bad_steps: int = Field(default=3, ge=1)  # non-finite steps in a row before the run stops
+    samples: int = Field(default=2, ge=0)  # replies generated from validation prompts at the end
+
+
 def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
@@ -159,8 +188,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> PrepareConfig:
+def build_config(raw: dict[str, Any], source: str = "config", schema: type[PrepareConfig] = PrepareConfig):
+    """Validate a job config. `prepare` reads only its sections, so it accepts (and ignores) the
+    training ones: one YAML file describes the whole job."""
     try:
-        return PrepareConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(describe_errors(err, PrepareConfig, source)) from None
+        if schema is PrepareConfig and all(e["type"] == "extra_forbidden" and e["loc"][0] in
+                                           TrainJobConfig.model_fields for e in err.errors()):
+            return PrepareConfig.model_validate({k: v for k, v in raw.items() if k in PrepareConfig.model_fields})
+        raise ConfigError(describe_errors(err, schema, source)) from None

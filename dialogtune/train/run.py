@@ -1,0 +1,225 @@
+"""`dialogtune train CONFIG.yaml`: prepare (cached), fine-tune, save a run directory.
+
+    dialogtune train examples/sgd_respond.yaml
+    dialogtune train job.yaml --set train.max_steps=200 --resume
+
+A run directory holds checkpoints/ (atomic; model or adapter, optimizer, scheduler, RNG and
+data position), final/ (loadable by plain transformers/PEFT, with the tokenizer, the exact
+chat template used in training and dialogtune.json), metrics.jsonl, loss.png, tensorboard/,
+run.json (the resolved config) and summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dialogtune
+from dialogtune.config import ConfigError, TrainJobConfig
+from dialogtune.models import load_tokenizer
+from dialogtune.prepare import load_manifest, prepare, tokenizer_hash
+from dialogtune.readers import DataError
+from dialogtune.train.collate import CausalCollator, Seq2SeqCollator
+from dialogtune.train.model import TrainSetupError, load_model, pick_precision
+from dialogtune.train.report import MetricsWriter, read_metrics
+from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
+
+# Keys of `train:` that dialogtune sets itself (each has its own config key or is derived).
+PROTECTED = {
+    "output_dir": "run_dir", "bf16": "precision", "fp16": "precision",
+    "save_total_limit": "eval.keep_best", "metric_for_best_model": "eval.metric",
+    "load_best_model_at_end": "eval.keep_best", "remove_unused_columns": None, "resume_from_checkpoint": "resume",
+}
+RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
+
+
+class RunError(RuntimeError):
+    pass
+
+
+def run_identity(config: TrainJobConfig) -> dict[str, Any]:
+    dump = config.model_dump(mode="json", by_alias=True)
+    return {key: dump[key] for key in RUN_IDENTITY}
+
+
+def check_run_dir(run: Path, config: TrainJobConfig, overwrite: bool, resume: bool) -> None:
+    if not run.exists() or not any(run.iterdir()):
+        return
+    if overwrite:
+        shutil.rmtree(run)
+        return
+    recorded = run / "run.json"
+    if not recorded.exists():
+        raise RunError(f"{run}: exists and is not a dialogtune run; choose another run_dir or pass --overwrite")
+    if not resume:
+        raise RunError(f"{run}: already holds a run; pass --resume to continue it or --overwrite to start over")
+    previous = json.loads(recorded.read_text()).get("identity", {})
+    differs = [key for key, value in run_identity(config).items() if previous.get(key) != value]
+    if differs:
+        raise RunError(f"{run}: holds a different run ({', '.join(differs)} differ); --overwrite to start over")
+
+
+def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_validation: bool):
+    from transformers import TrainingArguments
+
+    for key in config.train:
+        if key in PROTECTED:
+            use = f"; set {PROTECTED[key]} instead" if PROTECTED[key] else ""
+            raise ConfigError(f"train.{key} is managed by dialogtune{use}")
+    every = config.eval.every
+    defaults: dict[str, Any] = {
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 2e-4,
+        "num_train_epochs": 1, "warmup_steps": 0.03, "lr_scheduler_type": "cosine", "weight_decay": 0.0,
+        "max_grad_norm": 1.0, "logging_steps": 5, "seed": 0, "data_seed": 0, "report_to": ["tensorboard"],
+        "save_strategy": "steps" if every else "epoch", "disable_tqdm": False,
+        "eval_strategy": ("steps" if every else "epoch") if has_validation else "no",
+    }
+    if every:
+        defaults.update(save_steps=every, eval_steps=every)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = [k for k in config.train if k not in fields]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"train: unknown TrainingArguments key(s): {', '.join(hints)}")
+    try:
+        return TrainingArguments(
+            output_dir=str(run / "checkpoints"),
+            remove_unused_columns=False, save_total_limit=None, bf16=precision == "bf16", fp16=precision == "fp16",
+            **{**defaults, **config.train})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"train: {err}") from err
+
+
+def check_tokenizer(manifest: dict, tokenizer, model_name: str, prepared: Path) -> None:
+    made_with = manifest["tokenizer"]
+    if made_with["hash"] != tokenizer_hash(tokenizer):
+        raise DataError(f"{prepared} was prepared with the tokenizer of {made_with['name_or_path']!r}, not that of"
+                        f" {model_name!r}; prepare it again for this model (dialogtune prepare --model {model_name})")
+
+
+def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> dict:
+    started = time.perf_counter()
+    run = Path(config.run_dir)
+    resume = resume or config.resume == "auto"
+    check_run_dir(run, config, overwrite, resume)
+    precision = pick_precision(config.precision)
+    prepared = prepare(config, quiet=quiet)
+    manifest = load_manifest(prepared.directory)
+    tokenizer = load_tokenizer(config.model.name)
+    check_tokenizer(manifest, tokenizer, config.model.name, prepared.directory)
+
+    import datasets
+
+    train_set = datasets.load_from_disk(str(prepared.directory / "train"))
+    has_validation = (prepared.directory / "validation").exists()
+    eval_set = datasets.load_from_disk(str(prepared.directory / "validation")) if has_validation else None
+    args = training_arguments(config, run, precision, has_validation)
+    # transformers' TensorBoard callback takes its directory from this variable.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str((run / "tensorboard").resolve())
+    model = load_model(config)
+    pad = manifest["tokenizer"]["pad_token_id"]
+    seq2seq = model.config.is_encoder_decoder
+    if seq2seq and manifest["pack"]:
+        raise TrainSetupError("an encoder-decoder model cannot train on packed rows; prepare with pack: false")
+    collator = Seq2SeqCollator(pad) if seq2seq else CausalCollator(pad)
+
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run / "checkpoints" / STAGING, ignore_errors=True)  # leftovers of a killed save
+    (run / "run.json").write_text(json.dumps({
+        "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
+        "prepared": str(prepared.directory), "prepared_fingerprint": manifest["fingerprint"],
+        "precision": precision, "config": config.model_dump(mode="json", by_alias=True)}, indent=2) + "\n")
+    trainer = DialogTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            data_collator=collator, processing_class=tokenizer, keep_best=config.eval.keep_best,
+                            best_metric=config.eval.metric, max_bad_steps=config.max_bad_steps,
+                            callbacks=[MetricsWriter(run)])
+    trainer.install_signal_handlers()
+    checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
+    before = None
+    if eval_set is not None and checkpoint is None:
+        before = trainer.evaluate()["eval_loss"]
+    elif checkpoint is not None:
+        before = next((r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r), None)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.stopped_for_bad_steps:
+        raise RunError(f"stopped at step {trainer.state.global_step}: {trainer.max_bad_steps} optimizer steps in a row"
+                       " had a non-finite loss or gradient (skipped, not applied); lower train.learning_rate, check"
+                       f" the data, or raise max_bad_steps. Checkpoints so far are in {run / 'checkpoints'}")
+    if trainer.stop_requested:
+        return {"interrupted": trainer.stop_requested, "step": trainer.state.global_step,
+                "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
+    after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    from dialogtune.train.export import save_final
+
+    final = save_final(trainer.model, tokenizer, manifest, config, run)
+    samples = sample_replies(trainer.model, tokenizer, eval_set or train_set, manifest, config.samples)
+    seconds = time.perf_counter() - started
+    runtime = max(output.metrics.get("train_runtime", seconds), 1e-9)
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    summary = {
+        "run_dir": str(run), "final": str(final), "steps": trainer.state.global_step, "seconds": round(seconds, 1),
+        "train_seconds": round(runtime, 1), "tokens_per_s": round(trainer.tokens_seen / runtime, 1),
+        "trained_tokens_per_s": round(trainer.trained_tokens_seen / runtime, 1),
+        "peak_memory_mb": peak_memory_mb(), "train_loss_last": losses[-1] if losses else None,
+        "eval_loss_before": before, "eval_loss_after": after, "skipped_steps": trainer.bad_steps,
+        "precision": precision, "samples": samples,
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        print(summary_text(summary))
+    return summary
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def sample_replies(model, tokenizer, dataset, manifest: dict, count: int) -> list[dict[str, str]]:
+    """Greedy replies to the first `count` prompts of a split: the context up to a trained turn."""
+    end_of_turn = manifest["template"]["end_of_turn"]
+    out = []
+    model.eval()
+    for row in dataset.select(range(min(count, len(dataset)))):
+        labels = row["labels"]
+        first = next((i for i, label in enumerate(labels) if label != -100), None)
+        if first is None:
+            continue
+        prompt = torch.tensor([row["input_ids"][:first]], device=model.device)
+        with torch.no_grad():
+            generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
+                                       do_sample=False, pad_token_id=manifest["tokenizer"]["pad_token_id"])
+        reply = tokenizer.decode(generated[0, prompt.shape[1]:].tolist(), skip_special_tokens=False)
+        reply = reply.split(end_of_turn)[0] if end_of_turn.strip() or end_of_turn == "\n" else reply
+        context = tokenizer.decode(row["input_ids"][:first], skip_special_tokens=True).strip().splitlines()
+        expected = tokenizer.decode([t for t in row["input_ids"][first:] if t is not None][:64])
+        out.append({"context": context[-2] if len(context) > 1 else (context[-1] if context else ""),
+                    "reply": reply.replace(tokenizer.eos_token or "\0", "").strip(),
+                    "reference": expected.split(end_of_turn)[0].strip()})
+    return out
+
+
+def summary_text(summary: dict) -> str:
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    change = f"validation loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
+    lines = [
+        f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:.0f} tokens/s,"
+        f" {summary['trained_tokens_per_s']:.0f} trained tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB);"
+        f" {change}last train loss {summary['train_loss_last']}; skipped steps {summary['skipped_steps']}",
+        f"run: {summary['run_dir']}   model: {summary['final']}   plot: {Path(summary['run_dir']) / 'loss.png'}",
+    ]
+    for sample in summary["samples"]:
+        lines.append(f"  user: {sample['context']}\n  model: {sample['reply']}\n  (reference: {sample['reference']})")
+    return "\n".join(lines)
+

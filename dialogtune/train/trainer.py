@@ -1,0 +1,188 @@
+"""transformers.Trainer, plus what it does not do:
+
+- the loss over trained positions only, normalised by the trained tokens of the whole
+  optimizer step (every micro-batch counts, however many tokens it has);
+- token-weighted validation loss and perplexity;
+- checkpoints written to a staging directory and renamed into place, so a kill at any moment
+  leaves the previous checkpoint whole; the best k by a metric are kept, and the newest;
+- a non-finite loss or gradient skips the update (counted), and stops the run after
+  `max_bad_steps` in a row;
+- SIGTERM/SIGINT: save a checkpoint at the end of the current step and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from dialogtune.train.loss import core_model, trained_loss
+
+STAGING = ".staging"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class DialogTrainer(Trainer):
+    def __init__(self, *args, keep_best: int = 2, best_metric: str = "eval_loss", max_bad_steps: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Ask Trainer to count the trained tokens of each whole optimizer step (`num_items_in_batch`)
+        # and to leave the loss scaling to us: compute_loss divides by that count.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = not core_model(self.model).config.is_encoder_decoder
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0
+        self.bad_in_a_row = 0
+        self.stopped_for_bad_steps = False
+        self.stop_requested: str | None = None
+        self.scores: dict[int, float] = {}
+        self.tokens_seen = 0
+        self.trained_tokens_seen = 0
+        self._last_log = (time.perf_counter(), 0, 0)
+        self.add_callback(_GuardCallback(self))
+
+    # -- loss -------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, count = trained_loss(model, inputs)
+        if model.training:
+            self.tokens_seen += int((inputs["labels"] != -100).numel())
+            self.trained_tokens_seen += int(count)
+        divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = loss_sum / divisor
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, None) if return_outputs else loss
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        count = torch.zeros((), dtype=torch.long, device=self.args.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            for batch in dataloader:
+                loss_sum, n = trained_loss(model, self._prepare_inputs(batch))
+                total += loss_sum.double()
+                count += n
+        total = self.accelerator.reduce(total, "sum")
+        count = self.accelerator.reduce(count, "sum")
+        mean = (total / count.clamp(min=1)).item()
+        metrics = {f"{metric_key_prefix}_loss": mean,
+                   f"{metric_key_prefix}_perplexity": math.exp(min(mean, 50.0)),
+                   f"{metric_key_prefix}_tokens": int(count),
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 3)}
+        if was_training:
+            model.train()
+        self.scores[self.state.global_step] = metrics.get(self.best_metric, mean)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # -- logging ----------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now, tokens, trained = time.perf_counter(), self.tokens_seen, self.trained_tokens_seen
+            then, tokens_before, trained_before = self._last_log
+            seconds = max(now - then, 1e-9)
+            logs["tokens_per_s"] = round((tokens - tokens_before) / seconds, 1)
+            logs["trained_tokens_per_s"] = round((trained - trained_before) / seconds, 1)
+            logs["skipped_steps"] = self.bad_steps
+            self._last_log = (now, tokens, trained)
+        super().log(logs, start_time)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        staging_root = root / STAGING
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        shutil.rmtree(staging_root / name, ignore_errors=True)
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            shutil.rmtree(staging_root / name, ignore_errors=True)
+            raise OSError(f"could not write checkpoint {name} under {root} ({err.strerror or err}); the previous"
+                          " checkpoints are untouched") from err
+        finally:
+            self.args.output_dir = str(root)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging_root / name, final)  # atomic: a checkpoint is complete or absent
+        with contextlib.suppress(OSError):
+            staging_root.rmdir()
+        self._keep_best_and_newest(root)
+
+    def _keep_best_and_newest(self, root: Path) -> None:
+        steps = sorted(step for step in (checkpoint_step(p) for p in root.iterdir()) if step is not None)
+        if not steps:
+            return
+        lower_is_better = self.best_metric.endswith(("loss", "perplexity"))
+        scored = [s for s in steps if s in self.scores]
+        scored.sort(key=lambda s: self.scores[s] if lower_is_better else -self.scores[s])
+        keep = set(scored[: self.keep_best]) | {steps[-1]}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{step}", ignore_errors=True)
+
+    # -- signals ----------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        return int(suffix) if suffix.isdigit() else None
+    return None
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (staging leftovers from a killed save are ignored)."""
+    if not root.exists():
+        return None
+    steps = [s for s in (checkpoint_step(p) for p in root.iterdir()) if s is not None]
+    return root / f"{CHECKPOINT_PREFIX}{max(steps)}" if steps else None
+
+
+class _GuardCallback(TrainerCallback):
+    """Skips updates with non-finite gradients and turns a stop request into save-and-stop."""
+
+    def __init__(self, trainer: DialogTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = [p for p in self.trainer.model.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.trainer.bad_in_a_row = 0
+            return
+        for p in params:  # optimizers skip parameters without a gradient: the step is a no-op
+            p.grad = None
+        self.trainer.bad_steps += 1
+        self.trainer.bad_in_a_row += 1
+        if self.trainer.bad_in_a_row >= self.trainer.max_bad_steps:
+            self.trainer.stopped_for_bad_steps = True
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stop_requested:
+            control.should_save = True
+            control.should_training_stop = True
