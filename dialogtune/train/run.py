@@ -126,6 +126,9 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     args = training_arguments(config, run, precision, has_validation)
     # transformers' TensorBoard callback takes its directory from this variable.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str((run / "tensorboard").resolve())
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the model: LoRA's initial weights are drawn as it is built
     model = load_model(config)
     pad = manifest["tokenizer"]["pad_token_id"]
     seq2seq = model.config.is_encoder_decoder

@@ -1,0 +1,139 @@
+"""Checkpoints you can trust: a run killed at any moment resumes to exactly the losses of an
+uninterrupted run; a save that dies half-way leaves the previous checkpoint usable."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dialogtune.config import TrainJobConfig, build_config
+from dialogtune.train.run import train
+from dialogtune.train.trainer import DialogTrainer, newest_checkpoint
+
+STEPS = 14  # 24 conversations, 18 for training, batch 3: 6 steps an epoch; the run spans 3 epochs
+
+
+def write_job(directory: Path, model_dir: Path) -> Path:
+    from test_train_run import write_chats
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = write_chats(directory / "chats.jsonl")
+    config = {
+        "data": {"path": str(data)}, "task": {"as": "assistant"}, "split": {"validation": 0.25},
+        "model": {"name": str(model_dir)}, "template": {"name": "chatml"}, "max_length": 128,
+        "output": str(directory / "prepared"), "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must resume too
+        "train": {"max_steps": STEPS, "learning_rate": 0.01, "per_device_train_batch_size": 3,
+                  "logging_steps": 1, "save_strategy": "steps", "save_steps": 4, "eval_strategy": "no",
+                  "report_to": []},
+        "run_dir": str(directory / "run"), "samples": 0,
+    }
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    losses = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]  # a step logged twice (before a kill): the last wins
+    return losses
+
+
+def dialogtune(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen([sys.executable, "-m", "dialogtune", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def run_until_checkpoint(job: Path, step: int, sig: int) -> subprocess.Popen:
+    """Start training and send `sig` as soon as checkpoint-`step` is complete."""
+    process = dialogtune("train", str(job))
+    target = job.parent / "run" / "checkpoints" / f"checkpoint-{step}"
+    deadline = time.monotonic() + 240
+    while not target.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.002)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir) -> dict[int, float]:
+    job = write_job(tmp_path_factory.mktemp("reference"), tiny_model_dir)
+    process = dialogtune("train", str(job))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    losses = step_losses(job.parent / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def assert_same_losses(run: Path, reference: dict[int, float]) -> None:
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, abs=1e-6), step
+
+
+def test_sigkill_then_resume_in_the_second_epoch_gives_identical_losses(tmp_path, tiny_model_dir, reference):
+    job = write_job(tmp_path, tiny_model_dir)
+    killed = run_until_checkpoint(job, 8, signal.SIGKILL)  # step 8 lies in the second epoch (steps 7-12)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert newest_checkpoint(run / "checkpoints").name.startswith("checkpoint-")
+    resumed = dialogtune("train", str(job), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert_same_losses(run, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, reference):
+    job = write_job(tmp_path, tiny_model_dir)
+    stopped = run_until_checkpoint(job, 4, signal.SIGTERM)
+    output = stopped.stdout.read()
+    assert stopped.returncode == 143, output
+    assert "stopped by SIGTERM at step" in output and "continue with --resume" in output
+    step = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"checkpoint-{step}").exists()
+    resumed = dialogtune("train", str(job), "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert_same_losses(tmp_path / "run", reference)
+
+
+def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, tiny_model_dir, reference, monkeypatch):
+    job = write_job(tmp_path, tiny_model_dir)
+    config = build_config(yaml.safe_load(job.read_text()), schema=TrainJobConfig)
+    original = DialogTrainer._save_optimizer_and_scheduler
+
+    def crash_on_second_save(self, output_dir):
+        if self.state.global_step == 8:  # the model is already written to the staging directory
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, output_dir)
+
+    monkeypatch.setattr(DialogTrainer, "_save_optimizer_and_scheduler", crash_on_second_save)
+    with pytest.raises(OSError, match=r"could not write checkpoint checkpoint-8 under .*checkpoints \(No space left"
+                                      r" on device\); the previous checkpoints are untouched"):
+        train(config, quiet=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert newest_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
+    assert (checkpoints / "checkpoint-4" / "optimizer.pt").exists()
+    monkeypatch.undo()
+    resumed = dialogtune("train", str(job), "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert_same_losses(tmp_path / "run", reference)
