@@ -47,6 +47,22 @@ class TaskConfig(Strict):
     speakers_as: list[str] | None = Field(default=None, alias="as")  # respond: who the model speaks as
     context: Literal["full"] | Rounds = "full"  # respond: whole dialogues, or N previous turns
     system_prompt: str | None = None
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _full_or_rounds(cls, value: Any) -> Any:
+        # One clear message instead of one per member of the union.
+        if value == "full":
+            return value
+        if isinstance(value, dict) and set(value) == {"rounds"} and isinstance(value["rounds"], int) \
+                and not isinstance(value["rounds"], bool) and value["rounds"] >= 0:
+            return value
+        raise ValueError(f'expected "full" or {{rounds: N}} with a whole number N >= 0, got {value!r}')
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip() if value else value
     persona: bool = False  # respond: add the speaker's persona lines (PersonaChat) to the system prompt
     instruction: str = "Summarize the following dialogue:"  # summarize
 
@@ -139,6 +155,8 @@ def describe_errors(err: ValidationError, model: type[BaseModel], source: str) -
             lines.append(f"{source}: unknown key {key!r}{hint} (known here: {', '.join(known)})")
         elif error["type"] == "missing":
             lines.append(f"{source}: missing required key {key!r}")
+        elif error["type"] == "value_error":
+            lines.append(f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {key}: {error['msg']} (got {error.get('input')!r})")
     return "\n".join(lines)
@@ -184,7 +202,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     paths = data.get("data", {}).get("path") if isinstance(data.get("data"), dict) else None
     if paths is not None:
         listed = [paths] if isinstance(paths, str) else paths
-        data["data"]["path"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in listed]
+        if isinstance(listed, list):  # anything else is left for validation to name
+            data["data"]["path"] = [str(path.parent / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+                                    for p in listed]
     return data
 
 
@@ -194,7 +214,8 @@ def build_config(raw: dict[str, Any], source: str = "config", schema: type[Prepa
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        if schema is PrepareConfig and all(e["type"] == "extra_forbidden" and e["loc"][0] in
-                                           TrainJobConfig.model_fields for e in err.errors()):
+        training_only = set(TrainJobConfig.model_fields) - set(PrepareConfig.model_fields)
+        if schema is PrepareConfig and all(e["type"] == "extra_forbidden" and len(e["loc"]) == 1
+                                           and e["loc"][0] in training_only for e in err.errors()):
             return PrepareConfig.model_validate({k: v for k, v in raw.items() if k in PrepareConfig.model_fields})
         raise ConfigError(describe_errors(err, schema, source)) from None

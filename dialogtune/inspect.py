@@ -25,6 +25,8 @@ def example_bounds(position_ids: list[int]) -> list[tuple[int, int]]:
 
 def locate(dataset, index: int) -> tuple[int, int, int, int]:
     """(row, start, end, total examples) of the index-th example across packed rows."""
+    if index < 0:
+        raise DataError(f"--index {index}: examples are numbered from 0")
     seen = 0
     found = None
     for row, positions in enumerate(dataset["position_ids"]):

@@ -42,8 +42,11 @@ def one_per_row(lengths: list[int]) -> list[list[int]]:
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:  # Arrow list offsets are 32-bit
+        raise ValueError(f"a split of {offsets[-1]} tokens is too large for one Arrow list; split the data")
+    offsets = offsets.astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import resource
+import sys
 import shutil
 import tempfile
 import time
@@ -40,6 +42,8 @@ from dialogtune.templates import ChatTemplate, resolve_template
 from dialogtune.tokenize import ExampleEncoder, Tokenized, TokenizeStats
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
+UNUSED = "unused"  # a reject stage for records that are fine but hold nothing to learn (--strict ignores them)
+_PARTICULARS = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
 SPLITS = ("train", "validation")
 
 
@@ -114,6 +118,8 @@ def reader_options(config: PrepareConfig) -> dict[str, Any]:
 # -- the job ------------------------------------------------------------------------
 def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) -> Prepared:
     out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file; the output must be a directory")
     for path in config.data.path:
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or directory")
@@ -126,9 +132,15 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     previous = out / "prepare.json"
     if not force and previous.exists() and (out / "stats.json").exists():
         if json.loads(previous.read_text()).get("fingerprint") == key:
+            stats = json.loads((out / "stats.json").read_text())
+            if config.strict:
+                bad = [r for r in read_rejects(out) if r["stage"] != UNUSED]
+                if bad:
+                    raise StrictError(f"{bad[0]['source']}:{bad[0]['line']}: {bad[0]['reason']} (stopped: --strict;"
+                                      f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
             if not quiet:
                 print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
-            return Prepared(out, json.loads((out / "stats.json").read_text()), True)
+            return Prepared(out, stats, True)
     require_targets(config)
     encoder = ExampleEncoder(tokenizer, template, config.max_length)
     tok_stats = TokenizeStats()
@@ -139,7 +151,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     pending: list[Example] = []
 
     def note_reject(reject: Reject) -> None:
-        if config.strict:
+        if config.strict and reject.stage != UNUSED:
             raise StrictError(f"{reject} (stopped: --strict)")
         rejects.append(reject)
 
@@ -154,9 +166,9 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             tokenized.extend(encoder.label(batch, rendered, future.result(), tok_stats))
 
     def flush() -> None:
-        rendered = [encoder.render(example) for example in pending]
+        kept, rendered = encoder.render_batch(pending, tok_stats)
         collect()
-        in_flight.append((list(pending), rendered, worker.submit(encoder.tokenize, rendered)))
+        in_flight.append((kept, rendered, worker.submit(encoder.tokenize, rendered)))
         pending.clear()
 
     bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
@@ -187,7 +199,17 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     if not tokenized:
         raise DataError(no_examples_message(config, dialogues, speakers, rejects))
 
-    held_out = validation_groups({t.example.group for t in tokenized}, config.split.validation, config.split.seed)
+    groups = {t.example.group for t in tokenized}
+    held_out = validation_groups(groups, config.split.validation, config.split.seed)
+    warnings = []
+    if config.split.validation > 0 and not held_out:
+        warnings.append(f"no validation split: the data holds {len(groups)} dialogue group(s), and a split needs two"
+                        " (a script CSV without an episode column is one dialogue; name data.columns.episode)")
+    if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
+        absent = [name for name in config.task.speakers_as or [] if name not in speakers]
+        if absent:
+            warnings.append(f"speaker {', '.join(map(repr, absent))} never occurs (speakers: "
+                            + ", ".join(name for name, _ in speakers.most_common(12)) + ")")
     parts = {split: [t for t in tokenized if (t.example.group in held_out) == (split == "validation")]
              for split in SPLITS}
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_parent(out)))
@@ -195,6 +217,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         split_stats = {split: write_split(staging / split, items, config) for split, items in parts.items()}
         elapsed = time.perf_counter() - started
         stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
+        stats["warnings"] = warnings
         write_json(staging / "stats.json", stats)
         with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
             for reject in rejects:
@@ -206,6 +229,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         raise
     if not quiet:
         print(summary_line(out, stats))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return Prepared(out, stats, False)
 
 
@@ -239,7 +264,7 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig) 
 
 def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, split_stats, elapsed) -> dict[str, Any]:
     tokens = sum(s["tokens"] for s in split_stats.values())
-    by_reason = Counter(f"{r.stage}: {r.reason.split(':')[0]}" for r in rejects)
+    by_reason = Counter(f"{r.stage}: {reason_kind(r.reason)}" for r in rejects)
     return {
         "dialogues_read": dialogues,
         "rejected": len(rejects),
@@ -295,7 +320,21 @@ def manifest(config: PrepareConfig, tokenizer, template: ChatTemplate, key: str,
     }
 
 
+def reason_kind(reason: str) -> str:
+    """A reason with its particulars (names, numbers, quoted text) blanked, for counting."""
+    return _PARTICULARS.sub("…", reason.split(": ")[0] if reason.startswith("message ") else reason)
+
+
+def read_rejects(directory: Path) -> list[dict]:
+    path = directory / "rejects.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
 def no_examples_message(config: PrepareConfig, dialogues: int, speakers: Counter, rejects: list[Reject]) -> str:
+    if dialogues == 0:
+        reasons = Counter(r.reason for r in rejects).most_common(3)
+        return (f"no dialogues could be read ({len(rejects)} rejected; most common: "
+                + "; ".join(f"{reason} ({n})" for reason, n in reasons) + ")")
     if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
         missing = [s for s in config.task.speakers_as or [] if s not in speakers]
         if missing:

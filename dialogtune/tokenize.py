@@ -23,14 +23,19 @@ import numpy as np
 
 from dialogtune.dialogue import Reject
 from dialogtune.tasks import Example
-from dialogtune.templates import ChatTemplate, TemplateError
+from dialogtune.templates import ChatTemplate, TemplateError, content_is_opaque, uses_names
 
 IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 MAX_SKELETONS = 4096
-# Every new dialogue shape, and every VERIFY_EVERY-th example, is also rendered for real and
-# compared: a template whose output depends on message content is refused, not trusted.
+# With a template that writes content only as it is (see templates.content_is_opaque), every
+# new dialogue shape and every VERIFY_EVERY-th example is also rendered for real and compared;
+# with any other template, every example is. An example whose real text differs is rejected.
 VERIFY_EVERY = 1000
+
+
+class ExampleRejected(ValueError):
+    """This example cannot be labelled exactly (the template rewrites or refuses it)."""
 
 
 @dataclass(slots=True)
@@ -49,8 +54,7 @@ class Tokenized:
 
 @dataclass
 class TokenizeStats:
-    examples_in: int = 0
-    examples_split: int = 0  # longer than max_length, cut at turn boundaries into several
+    examples_split: int = 0  # longer than max_length, cut at turn boundaries into several pieces
     context_truncated: int = 0  # pieces whose oldest context was dropped to fit
     turns_too_long: int = 0  # trained turns that cannot fit even alone (listed as rejects)
     rejects: list[Reject] = field(default_factory=list)
@@ -80,16 +84,23 @@ class ExampleEncoder:
         self._variables = dict(tokenizer.special_tokens_map)
         self._skeletons: dict[tuple, tuple[list[str], list[int]]] = {}
         self._rendered = 0
+        self._verify_every_example = not content_is_opaque(template.source)
+        self._names_matter = uses_names(template.source)
 
     # -- rendering -----------------------------------------------------------------
     def _render_text(self, chat: list[dict]) -> str:
-        return self._compiled.render(messages=chat, tools=None, documents=None,
-                                     add_generation_prompt=False, **self._variables)
+        import jinja2
+
+        try:
+            return self._compiled.render(messages=chat, tools=None, documents=None,
+                                         add_generation_prompt=False, **self._variables)
+        except jinja2.TemplateError as err:  # e.g. raise_exception("roles must alternate")
+            raise ExampleRejected(f"the chat template refuses this conversation: {err}") from err
 
     def _skeleton(self, chat: list[dict]) -> tuple[list[str], list[int], bool]:
         """The template's own text around the messages: literal pieces and the message order.
         It depends only on the roles and names, so it is rendered once per shape of dialogue."""
-        key = tuple((m["role"], m.get("name")) for m in chat)
+        key = tuple((m["role"], m.get("name") if self._names_matter else None) for m in chat)
         cached = self._skeletons.get(key)
         if cached is not None:
             return (*cached, False)
@@ -122,7 +133,7 @@ class ExampleEncoder:
             length += len(literal)
         text = "".join(pieces)
         self._rendered += 1
-        if new_shape or self._rendered % VERIFY_EVERY == 1:
+        if new_shape or self._verify_every_example or self._rendered % VERIFY_EVERY == 1:
             self._check_splice(chat, text)
         spans = []
         for position, index in enumerate(order):
@@ -142,12 +153,12 @@ class ExampleEncoder:
         return Rendered(text, spans, starts)
 
     def _check_splice(self, chat: list[dict], text: str) -> None:
-        real = self.tokenizer.apply_chat_template(chat, chat_template=self.template.source, tokenize=False)
+        real = self._render_text(chat)  # what apply_chat_template renders
         if real != text:
-            raise TemplateError(
-                f"template {self.template.name!r} changes message text as it renders it (e.g. trims or"
-                " rewrites content, or depends on it); dialogtune needs templates that write each message's"
-                " content as it is"
+            at = next((i for i, (a, b) in enumerate(zip(real, text)) if a != b), min(len(real), len(text)))
+            raise ExampleRejected(
+                f"the chat template rewrites message text here (real render {real[at:at + 40]!r} vs message"
+                f" text {text[at:at + 40]!r}); it cannot be labelled exactly"
             )
 
     # -- tokenizing ----------------------------------------------------------------
@@ -166,8 +177,19 @@ class ExampleEncoder:
     def encode(self, examples: list[Example], stats: TokenizeStats) -> Iterator[Tokenized]:
         """Tokenize a batch of examples (in parallel, in Rust); yields the ones that fit, split
         or shortened as needed. Rejects and counts go to `stats`."""
-        rendered = [self.render(example) for example in examples]
-        yield from self.label(examples, rendered, self.tokenize(rendered), stats)
+        kept, rendered = self.render_batch(examples, stats)
+        yield from self.label(kept, rendered, self.tokenize(rendered), stats)
+
+    def render_batch(self, examples: list[Example], stats: TokenizeStats) -> tuple[list[Example], list[Rendered]]:
+        """Render each example; one the template rewrites or refuses becomes a reject."""
+        kept, rendered = [], []
+        for example in examples:
+            try:
+                rendered.append(self.render(example))
+                kept.append(example)
+            except ExampleRejected as err:
+                stats.rejects.append(_reject(example, str(err)))
+        return kept, rendered
 
     def tokenize(self, rendered: list[Rendered]) -> list:
         """The Rust tokenizer over a batch. It releases the GIL, so a caller may run it in a
@@ -176,7 +198,6 @@ class ExampleEncoder:
 
     def label(self, examples: list[Example], rendered: list[Rendered], encodings: list,
               stats: TokenizeStats) -> Iterator[Tokenized]:
-        stats.examples_in += len(examples)
         for example, render, encoding in zip(examples, rendered, encodings, strict=True):
             ids = np.asarray(encoding.ids, dtype=np.int32)
             if len(ids) <= self.max_length:
@@ -196,28 +217,24 @@ class ExampleEncoder:
         n_system = 0
         while n_system < len(messages) and messages[n_system]["role"] == "system":
             n_system += 1
-        # Token estimate per message from the full encoding: tokens from its start to the next one's.
-        starts = [
-            _token_at(encoding, s, len(render.text), 1) if s is not None else None for s in render.message_starts
-        ]
-        total = len(encoding.ids)
-        known = [s for s in starts if s is not None]
-        sizes = []
-        for s in starts:
-            later = [k for k in known if s is not None and k > s]
-            sizes.append(0 if s is None else (min(later) if later else total) - s)
+        # Token estimate per message from the full encoding: from its start to the next message's.
+        starts = [_token_at(encoding, s, len(render.text), 1) if s is not None else None
+                  for s in render.message_starts]
+        known = sorted((s, i) for i, s in enumerate(starts) if s is not None)
+        sizes = [0] * len(messages)
+        for (start, index), following in zip(known, [s for s, _ in known[1:]] + [len(encoding.ids)]):
+            sizes[index] = following - start
         head = starts[n_system] if n_system < len(starts) and starts[n_system] is not None else 0
         trained = [i for i in range(n_system, len(messages)) if messages[i]["train"]]
-        stats.examples_split += 1
+        pieces = 0
         cursor = 0
         while cursor < len(trained):
             first = trained[cursor]
-            # Context first (the turn being answered, and up to half the row), so a piece never
-            # opens on a reply to nothing;
-            # then as many following turns as fit, then more context if room is left.
-            previous = sizes[first - 1] if first > n_system else 0
-            budget = min(self.max_length, max(self.max_length // 2, head + previous + sizes[first]))
-            begin = self._extend_back(sizes, n_system, first, head + sizes[first], budget)
+            # The turn being answered always comes along; more context up to half the row, then
+            # as many following turns as fit, then more context if room is left.
+            floor = first - 1 if first > n_system else first
+            budget = max(self.max_length // 2, head + sum(sizes[floor : first + 1]))
+            begin = min(floor, self._extend_back(sizes, n_system, first, head + sizes[first], budget))
             estimate = head + sum(sizes[begin : first + 1])
             end = first
             while end + 1 < len(messages) and estimate + sizes[end + 1] <= self.max_length:
@@ -225,22 +242,28 @@ class ExampleEncoder:
                 estimate += sizes[end]
             end = max(i for i in trained if first <= i <= end)
             begin = self._extend_back(sizes, n_system, begin, head + sum(sizes[begin : end + 1]), self.max_length)
-            piece = self._fit_piece(example, n_system, begin, first, end)
+            try:
+                piece = self._fit_piece(example, n_system, begin, floor, first, end)
+            except ExampleRejected as err:
+                stats.rejects.append(_reject(example, str(err)))
+                return
             if piece is None:
                 stats.turns_too_long += 1
-                stats.rejects.append(Reject(
-                    example.source, example.line,
-                    f"trained turn {first - n_system} ({messages[first].get('name') or 'assistant'}) does not fit in"
-                    f" max_length={self.max_length} tokens even without context; raise max_length to keep it",
-                    stage="tokenize", item=example.dialogue_id,
-                ))
+                who = messages[first].get("name") or "assistant"
+                context = " with the turn it answers" if floor < first else ""
+                stats.rejects.append(_reject(example, (
+                    f"trained turn {first - n_system} ({who}) does not fit in max_length={self.max_length}"
+                    f" tokens{context}; raise max_length to keep it")))
                 cursor += 1
                 continue
             tokenized, begin, end = piece
             if begin > n_system:
                 stats.context_truncated += 1
+            pieces += 1
             yield tokenized
             cursor = next((k for k, i in enumerate(trained) if i > end), len(trained))
+        if pieces > 1:
+            stats.examples_split += 1
 
     @staticmethod
     def _extend_back(sizes: list[int], n_system: int, begin: int, estimate: int, budget: int) -> int:
@@ -249,9 +272,10 @@ class ExampleEncoder:
             estimate += sizes[begin]
         return begin
 
-    def _fit_piece(self, example: Example, n_system: int, begin: int, first: int, end: int):
+    def _fit_piece(self, example: Example, n_system: int, begin: int, floor: int, first: int, end: int):
         """Render messages[begin..end] (with the system prompt) and shrink until it fits:
-        drop the oldest context first, then trailing trained turns (they go to the next piece)."""
+        drop the oldest context first (never the turn at `floor`, the one being answered),
+        then trailing trained turns (they go to the next piece)."""
         messages = example.messages
         while True:
             body = [dict(m) for m in messages[begin : end + 1]]
@@ -262,12 +286,16 @@ class ExampleEncoder:
             tokenized, _ = self.encode_one(piece)
             if len(tokenized.input_ids) <= self.max_length:
                 return tokenized, begin, end
-            if begin < first:
+            if begin < floor:
                 begin += 1
             elif end > first:
                 end = max(i for i in range(first, end) if messages[i]["train"])
             else:
                 return None
+
+
+def _reject(example: Example, reason: str) -> Reject:
+    return Reject(example.source, example.line, reason, stage="tokenize", item=example.dialogue_id)
 
 
 def _token_at(encoding, char: int, stop: int, step: int) -> int | None:

@@ -59,3 +59,18 @@ def test_yaml_paths_are_relative_to_the_config(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(bad)
+
+
+def test_context_has_one_clear_message():
+    for bad in ({"rounds": -1}, {"round": 3}, 5, "fulll"):
+        with pytest.raises(ConfigError) as caught:
+            build_config({"data": {"path": "x"}, "task": {"context": bad}})
+        message = str(caught.value)
+        assert message.count("\n") == 0 and 'task.context: expected "full" or {rounds: N}' in message
+
+
+def test_bad_path_types_are_named_not_a_traceback(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("data:\n  path: [a.txt, 5]\n")
+    with pytest.raises(ConfigError, match=r"data.path.1: Input should be a valid string"):
+        build_config(load_yaml(config))

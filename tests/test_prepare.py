@@ -54,7 +54,7 @@ def test_prepare_writes_dataset_stats_rejects_and_manifest(tmp_path, tiny_model_
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["stage"], r["reason"]) for r in rejects] == [
         (8, "read", "empty text after speaker 'Bob'"),
-        (11, "task", "no turn by Bob"),
+        (11, "unused", "no turn by Bob"),
     ]
     assert stats["rejected"] == 2
     train = datasets.load_from_disk(str(out / "train"))
@@ -161,3 +161,31 @@ def test_tokenizer_without_pad_token_is_noted_not_fatal(tmp_path, metaspace_toke
     tokenizer_info = json.loads((tmp_path / "np" / "prepare.json").read_text())["tokenizer"]
     assert tokenizer_info["pad_token_id"] == metaspace_tokenizer.eos_token_id
     assert "no pad token" in tokenizer_info["pad_note"] and "never learned from" in tokenizer_info["pad_note"]
+
+
+def test_strict_also_holds_on_a_cache_hit(tmp_path, tiny_model_dir):
+    prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    with pytest.raises(StrictError, match=r"empty text after speaker 'Bob' \(stopped: --strict; 1 bad records"):
+        prepare(make_config(tmp_path, tiny_model_dir, strict=True), quiet=True)
+
+
+def test_warnings_for_a_missing_speaker_and_a_missing_validation_split(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir, task={"as": ["Bob", "Bobb"]}, split={"validation": 0.5})
+    (tmp_path / "play.txt").write_text("Alice: Hi.\nBob: Hello.\n", encoding="utf-8")
+    stats = prepare(config, quiet=True).stats
+    assert stats["warnings"][0].startswith("no validation split: the data holds 1 dialogue group(s)")
+    assert stats["warnings"][1] == "speaker 'Bobb' never occurs (speakers: Alice, Bob)"
+    assert "warning: speaker 'Bobb' never occurs" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_and_unreadable_gzip_are_clear_errors(tmp_path, tiny_model_dir):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(DataError, match="is a file; the output must be a directory"):
+        prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    fake = tmp_path / "chats.jsonl.gz"
+    fake.write_text('{"messages": []}\n')
+    config = build_config({"data": {"path": str(fake), "format": "messages"}, "task": {"as": "assistant"},
+                           "model": {"name": str(tiny_model_dir)}, "template": {"name": "chatml"},
+                           "output": str(tmp_path / "o2")})
+    with pytest.raises(DataError, match=r"chats.jsonl.gz: cannot read \(BadGzipFile"):
+        prepare(config, quiet=True)

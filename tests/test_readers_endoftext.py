@@ -30,13 +30,13 @@ def test_json_list_of_samples():
         ("B", "Depends how much money you spend on it."),
         ("A", "What is the best way to buy happiness?"),
     ]
-    # Runs of spaces are collapsed; the empty part between two separators is dropped and
-    # the alternation continues over the remaining turns.
+    # Runs of spaces are collapsed; the empty part between two separators is dropped but keeps
+    # its place in the alternation (a speaker who said nothing), so the others keep their names.
     assert _turns(out[1]) == [
         ("A", "Hi, how was the concert?"),
         ("B", "Loud. Really loud."),
-        ("A", "Worth it though?"),
-        ("B", "Absolutely."),
+        ("B", "Worth it though?"),
+        ("A", "Absolutely."),
     ]
     assert _turns(out[2]) == [("A", "Anyone up for pizza tonight?")]
 

@@ -43,4 +43,4 @@ def test_every_speaker_and_missing_target():
     (example,) = respond(play(), {"*"})
     assert [m["train"] for m in example.messages] == [True, False, True, True, True]
     reject = respond(play(), {"Carol"})
-    assert isinstance(reject, Reject) and reject.reason == "no turn by Carol" and reject.stage == "task"
+    assert isinstance(reject, Reject) and reject.reason == "no turn by Carol" and reject.stage == "unused"

@@ -112,11 +112,54 @@ def test_unknown_template_suggests_a_name(byte_tokenizer):
 
 def test_template_that_rewrites_content_is_refused(byte_tokenizer):
     from dialogtune.templates import ChatTemplate
+    from dialogtune.tokenize import ExampleRejected
 
     upper = "{% for m in messages %}{{ m['content'] | upper }}{{ eos_token }}{% endfor %}"
     encoder = ExampleEncoder(byte_tokenizer, ChatTemplate("upper", upper, "</s>"), 512)
-    with pytest.raises(TemplateError, match="changes message text"):
+    with pytest.raises(ExampleRejected, match="rewrites message text"):
         encoder.encode_one(example())
+
+
+THINKING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+            "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
+
+
+def test_content_analysis_tells_opaque_templates_from_rewriting_ones():
+    from dialogtune.templates import content_is_opaque, uses_names
+
+    assert all(content_is_opaque(shipped_source(n)) for n in ("chatml", "user_assistant", "transcript", "vicuna"))
+    assert not content_is_opaque(THINKING)
+    assert not content_is_opaque("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}")
+    assert not content_is_opaque("{% for m in messages %}{% if m.content %}{{ m.content }}{% endif %}{% endfor %}")
+    assert uses_names(shipped_source("transcript")) and not uses_names(shipped_source("chatml"))
+
+
+def test_only_the_examples_a_template_rewrites_are_rejected(byte_tokenizer):
+    from dialogtune.templates import ChatTemplate
+    from dialogtune.tokenize import TokenizeStats
+
+    encoder = ExampleEncoder(byte_tokenizer, ChatTemplate("thinking", THINKING, "<|im_end|>"), 512)
+    plain = example(CONVERSATION[1:])
+    thinking = example([CONVERSATION[1], message("assistant", "<think>plan</think>Hello.", train=True)])
+    stats = TokenizeStats()
+    kept = list(encoder.encode([plain, thinking, plain], stats))
+    assert len(kept) == 2  # the same shape twice: the cached skeleton is still checked every time
+    (reject,) = stats.rejects
+    assert "rewrites message text" in reject.reason and reject.stage == "tokenize"
+    assert kept[0].input_ids.tolist() == reference_ids(byte_tokenizer, plain.chat(), THINKING)
+
+
+def test_a_conversation_the_template_refuses_is_a_reject(byte_tokenizer):
+    from dialogtune.templates import ChatTemplate
+    from dialogtune.tokenize import TokenizeStats
+
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}</s>{% endfor %}")
+    encoder = ExampleEncoder(byte_tokenizer, ChatTemplate("strict", strict, "</s>"), 512)
+    stats = TokenizeStats()
+    assert list(encoder.encode([example()], stats)) == []  # starts with a system message: refused
+    assert stats.rejects[0].reason == ("the chat template refuses this conversation:"
+                                       " Conversation roles must alternate")
 
 
 @pytest.mark.slow

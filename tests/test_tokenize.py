@@ -97,3 +97,18 @@ def test_slow_tokenizer_is_refused(byte_tokenizer):
 
     with pytest.raises(TemplateError, match="not a fast"):
         ExampleEncoder(Slow(), resolve_template("chatml", byte_tokenizer), 10)
+
+
+def test_a_reply_is_never_kept_without_the_turn_it_answers(byte_tokenizer):
+    long_question = "Tell me everything about the station and the trains. " * 12
+    messages = [message("user", long_question), message("assistant", "Ask me something shorter.", train=True)]
+    ex = Example(messages, "q", "q", "data.jsonl", 3)
+    pieces, stats, _ = encode(byte_tokenizer, ex, 60)
+    assert pieces == []
+    (reject,) = stats.rejects
+    assert "does not fit in max_length=60 tokens with the turn it answers" in reject.reason
+    # A reply that opens the dialogue needs no context.
+    opening = Example([message("assistant", "Welcome aboard.", train=True), message("user", long_question)],
+                      "o", "o", "data.jsonl", 4)
+    (piece,), stats, _ = encode(byte_tokenizer, opening, 60)
+    assert trained_text(byte_tokenizer, piece) == "Welcome aboard.<|im_end|>" and not stats.rejects

@@ -75,4 +75,17 @@ def read_dialogues(path: Path, fmt: str = "auto", **options: object) -> Iterator
         fmt = detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    return FORMATS[fmt](path, **options)
+    return _named_errors(path, FORMATS[fmt](path, **options))
+
+
+def _named_errors(path: Path, items: Iterator[Dialogue | Reject]) -> Iterator[Dialogue | Reject]:
+    """A file that breaks while being read (not gzip after all, corrupt Parquet, a disk error)
+    is a DataError naming it, not a traceback."""
+    import pyarrow as pa
+
+    try:
+        yield from items
+    except DataError:
+        raise
+    except (OSError, EOFError, UnicodeError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from err

@@ -36,10 +36,10 @@ def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
         if not isinstance(sample, str):
             yield Reject(source, lineno, f"expected a string, got {type(sample).__name__}", item=item)
             continue
-        texts = [clean_text(part) for part in sample.split(SEPARATOR)]
-        texts = [t for t in texts if t]
-        if not texts:
+        # Speakers alternate by position, so an empty part keeps its place in the alternation.
+        turns = [Turn("A" if i % 2 == 0 else "B", text)
+                 for i, text in enumerate(clean_text(part) for part in sample.split(SEPARATOR)) if text]
+        if not turns:
             yield Reject(source, lineno, "sample has no text", item=item)
             continue
-        turns = [Turn("A" if i % 2 == 0 else "B", t) for i, t in enumerate(texts)]
         yield Dialogue(f"{path.name}#{number}", turns, source=source, line=lineno)

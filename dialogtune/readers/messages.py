@@ -59,6 +59,9 @@ def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
             continue
         system = "\n".join(text for role, text in parsed if role == "system" and text)
         turns = [Turn(role, text) for role, text in parsed if role != "system" and text]
+        empty = [i for i, (role, text) in enumerate(parsed) if role != "system" and not text]
+        if empty and turns:  # the conversation is kept; the empty messages are listed, not lost silently
+            yield Reject(source, line, f"empty message(s) {empty} left out of the conversation", item=item)
         if not turns:
             yield Reject(source, line, "no non-empty user or assistant message", item=item)
             continue

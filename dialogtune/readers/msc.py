@@ -56,6 +56,9 @@ def read(path: Path, **_: object) -> Iterator[Dialogue | Reject]:
                 yield Reject(source, None, "empty text", item=item + ".text")
                 continue
             session = raw.get("session")
+            if session is not None and not (isinstance(session, int) or str(session).isdigit()):
+                yield Reject(source, None, f"session must be a number, got {session!r}", item=item + ".session")
+                continue
             turns.append(
                 Turn(speaker, text, session=int(session) if session is not None else None,
                      meta={"turn_id": raw.get("turn_id"), "role": raw.get("role")})

@@ -50,8 +50,9 @@ def respond(
     ]
     trained = [i for i, m in enumerate(body) if m["role"] == "assistant"]
     if not trained:
+        # Not bad data (a scene without the character), just nothing to learn: stage "unused".
         return Reject(dialogue.source, dialogue.line, f"no turn by {', '.join(sorted(targets))}",
-                      stage="task", item=dialogue.id)
+                      stage="unused", item=dialogue.id)
     system = system_text(dialogue, system_prompt, persona, targets)
     head = [message("system", system)] if system else []
 

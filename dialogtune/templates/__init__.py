@@ -61,6 +61,51 @@ def detect_end_of_turn(tokenizer, source: str) -> str:
     return min(found)[2]
 
 
+def _template_ast(source: str):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(source).environment.parse(source)
+
+
+def _names_field(node, field: str) -> bool:
+    from jinja2 import nodes
+
+    return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == field) or (
+        isinstance(node, nodes.Getattr) and node.attr == field)
+
+
+def content_is_opaque(source: str) -> bool:
+    """True when the template only ever writes `content` out as it is: never tests it, filters
+    it (`| trim`), splits it or assigns it. Then a render with placeholders, spliced with the
+    real texts, is exactly the real render, whatever the texts are. Otherwise (Qwen-style
+    `<think>` stripping, Llama-3's `| trim`) every example is checked against a real render."""
+    from jinja2 import nodes
+
+    safe = {(nodes.Template, "body"), (nodes.Output, "nodes"), (nodes.Add, "left"), (nodes.Add, "right"),
+            (nodes.Concat, "nodes"), (nodes.If, "body"), (nodes.If, "elif_"), (nodes.If, "else_"),
+            (nodes.For, "body"), (nodes.For, "else_"), (nodes.CallBlock, "body"), (nodes.Scope, "body")}
+
+    def walk(node, path_safe: bool) -> bool:
+        if _names_field(node, "content"):
+            return path_safe
+        for field in node.fields:
+            value = getattr(node, field)
+            children = value if isinstance(value, list) else [value]
+            for child in children:
+                if isinstance(child, nodes.Node) and not walk(child, path_safe and (type(node), field) in safe):
+                    return False
+        return True
+
+    return walk(_template_ast(source), True)
+
+
+def uses_names(source: str) -> bool:
+    """Whether the template reads a message's `name` (transcripts do; ChatML does not)."""
+    from jinja2 import nodes
+
+    return any(_names_field(node, "name") for node in _template_ast(source).find_all((nodes.Getitem, nodes.Getattr)))
+
+
 def resolve_template(name: str, tokenizer, end_of_turn: str | None = None) -> ChatTemplate:
     if name == MODEL_TEMPLATE:
         source = tokenizer.chat_template
