@@ -6,8 +6,7 @@ STAMP := $(VENV)/.dialogtune-installed
 .PHONY: run test clean
 
 run: $(STAMP)
-	$(VENV)/bin/dialogtune prepare examples/sgd_respond.yaml
-	$(VENV)/bin/dialogtune inspect prepared/sgd_respond --index 0
+	$(VENV)/bin/dialogtune train examples/sgd_respond.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -22,4 +21,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) prepared
+	rm -rf $(VENV) prepared runs

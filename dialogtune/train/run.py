@@ -80,6 +80,7 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 2e-4,
         "num_train_epochs": 1, "warmup_steps": 0.03, "lr_scheduler_type": "cosine", "weight_decay": 0.0,
         "max_grad_norm": 1.0, "logging_steps": 5, "seed": 0, "data_seed": 0, "report_to": ["tensorboard"],
+        "dataloader_pin_memory": torch.cuda.is_available(),
         "save_strategy": "steps" if every else "epoch", "disable_tqdm": False,
         "eval_strategy": ("steps" if every else "epoch") if has_validation else "no",
     }
@@ -108,12 +109,17 @@ def check_tokenizer(manifest: dict, tokenizer, model_name: str, prepared: Path) 
 
 
 def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> dict:
+    from accelerate import PartialState
+
     started = time.perf_counter()
+    state = PartialState()  # under `accelerate launch`, one of several processes
     run = Path(config.run_dir)
     resume = resume or config.resume == "auto"
-    check_run_dir(run, config, overwrite, resume)
+    if state.is_main_process:
+        check_run_dir(run, config, overwrite, resume)
     precision = pick_precision(config.precision)
-    prepared = prepare(config, quiet=quiet)
+    with state.main_process_first():  # one process prepares; the others then find it cached
+        prepared = prepare(config, quiet=quiet or not state.is_main_process)
     manifest = load_manifest(prepared.directory)
     tokenizer = load_tokenizer(config.model.name)
     check_tokenizer(manifest, tokenizer, config.model.name, prepared.directory)
@@ -137,11 +143,9 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     collator = Seq2SeqCollator(pad) if seq2seq else CausalCollator(pad)
 
     run.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run / "checkpoints" / STAGING, ignore_errors=True)  # leftovers of a killed save
-    (run / "run.json").write_text(json.dumps({
-        "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
-        "prepared": str(prepared.directory), "prepared_fingerprint": manifest["fingerprint"],
-        "precision": precision, "config": config.model_dump(mode="json", by_alias=True)}, indent=2) + "\n")
+    if state.is_main_process:
+        shutil.rmtree(run / "checkpoints" / STAGING, ignore_errors=True)  # leftovers of a killed save
+        write_run_record(run, config, prepared.directory, manifest, precision)
     trainer = DialogTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             data_collator=collator, processing_class=tokenizer, keep_best=config.eval.keep_best,
                             best_metric=config.eval.metric, max_bad_steps=config.max_bad_steps,
@@ -162,6 +166,8 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
         return {"interrupted": trainer.stop_requested, "step": trainer.state.global_step,
                 "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    if not state.is_main_process:  # the other processes are done: saving and reporting is rank 0's
+        return {"steps": trainer.state.global_step}
     from dialogtune.train.export import save_final
 
     final = save_final(trainer.model, tokenizer, manifest, config, run)
@@ -181,6 +187,13 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     if not quiet:
         print(summary_text(summary))
     return summary
+
+
+def write_run_record(run: Path, config: TrainJobConfig, prepared: Path, manifest: dict, precision: str) -> None:
+    (run / "run.json").write_text(json.dumps({
+        "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
+        "prepared": str(prepared), "prepared_fingerprint": manifest["fingerprint"],
+        "precision": precision, "config": config.model_dump(mode="json", by_alias=True)}, indent=2) + "\n")
 
 
 def peak_memory_mb() -> float:
