@@ -5,6 +5,7 @@ training will teach before spending an hour on it."""
 from __future__ import annotations
 
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 def example_bounds(position_ids: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each packed example: positions restart at 0 where an example starts."""
     starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
-    return list(zip(starts[:-1], starts[1:]))
+    return list(pairwise(starts))
 
 
 def locate(dataset, index: int) -> tuple[int, int, int, int]:

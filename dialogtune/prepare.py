@@ -14,8 +14,8 @@ import hashlib
 import json
 import re
 import resource
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -130,17 +130,16 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     started = time.perf_counter()  # preparation proper: loading libraries and the tokenizer is not part of it
     key = fingerprint(config, tokenizer, template)
     previous = out / "prepare.json"
-    if not force and previous.exists() and (out / "stats.json").exists():
-        if json.loads(previous.read_text()).get("fingerprint") == key:
-            stats = json.loads((out / "stats.json").read_text())
-            if config.strict:
-                bad = [r for r in read_rejects(out) if r["stage"] != UNUSED]
-                if bad:
-                    raise StrictError(f"{bad[0]['source']}:{bad[0]['line']}: {bad[0]['reason']} (stopped: --strict;"
-                                      f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
-            if not quiet:
-                print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
-            return Prepared(out, stats, True)
+    cached = previous.exists() and (out / "stats.json").exists()
+    if not force and cached and json.loads(previous.read_text()).get("fingerprint") == key:
+        stats = json.loads((out / "stats.json").read_text())
+        bad = [r for r in read_rejects(out) if r["stage"] != UNUSED] if config.strict else []
+        if bad:
+            raise StrictError(f"{bad[0]['source']}:{bad[0]['line']}: {bad[0]['reason']} (stopped: --strict;"
+                              f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
+        if not quiet:
+            print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
+        return Prepared(out, stats, True)
     require_targets(config)
     encoder = ExampleEncoder(tokenizer, template, config.max_length)
     tok_stats = TokenizeStats()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,8 +9,6 @@ import torch
 # the other core is busy. One thread keeps the suite fast and its timings steady.
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 CORPUS = [
     "Hello there! How are you doing today? I'm fine, thanks for asking.",

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from dialogtune.dialogue import Dialogue
 from dialogtune.readers import FORMATS, DataError, detect_format, read_dialogues
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 EXPECTED = {
     "msc_sample.json": "msc",

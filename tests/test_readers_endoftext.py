@@ -5,18 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, turn_pairs
 
 from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import DataError, endoftext
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _turns(dialogue: Dialogue) -> list[tuple[str | None, str]]:
-    return [(t.speaker, t.text) for t in dialogue.turns]
 
 
 def test_json_list_of_samples():
@@ -25,20 +19,20 @@ def test_json_list_of_samples():
     assert all(isinstance(o, Dialogue) for o in out)
     assert [d.id for d in out] == ["dialogpt_samples.json#0", "dialogpt_samples.json#1", "dialogpt_samples.json#2"]
     assert all(d.source == str(path) and d.line is None for d in out)
-    assert _turns(out[0]) == [
+    assert turn_pairs(out[0]) == [
         ("A", "Does money buy happiness?"),
         ("B", "Depends how much money you spend on it."),
         ("A", "What is the best way to buy happiness?"),
     ]
     # Runs of spaces are collapsed; the empty part between two separators is dropped but keeps
     # its place in the alternation (a speaker who said nothing), so the others keep their names.
-    assert _turns(out[1]) == [
+    assert turn_pairs(out[1]) == [
         ("A", "Hi, how was the concert?"),
         ("B", "Loud. Really loud."),
         ("B", "Worth it though?"),
         ("A", "Absolutely."),
     ]
-    assert _turns(out[2]) == [("A", "Anyone up for pizza tonight?")]
+    assert turn_pairs(out[2]) == [("A", "Anyone up for pizza tonight?")]
 
 
 def test_text_file_one_sample_per_line():
@@ -52,9 +46,9 @@ def test_text_file_one_sample_per_line():
         ("dialogpt_samples.txt#1", 3),
         ("dialogpt_samples.txt#3", 5),
     ]
-    assert _turns(dialogues[1]) == [("A", "What time is the game?"), ("B", "Kickoff at seven."),
+    assert turn_pairs(dialogues[1]) == [("A", "What time is the game?"), ("B", "Kickoff at seven."),
                                     ("A", "I will bring snacks.")]
-    assert _turns(dialogues[2]) == [("A", "The café on Main St. closed."), ("B", "No way, I loved their croissants!")]
+    assert turn_pairs(dialogues[2]) == [("A", "The café on Main St. closed."), ("B", "No way, I loved their croissants!")]
     assert [(r.line, r.item, r.reason) for r in rejects] == [(4, None, "sample has no text")]
     assert str(rejects[0]) == f"{path}:4: sample has no text"
 
@@ -64,9 +58,9 @@ def test_gzipped_text_reads_the_same(tmp_path):
     packed = tmp_path / "dialogpt_samples.txt.gz"
     with open(plain, "rb") as src, gzip.open(packed, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    expected = [(type(o).__name__, getattr(o, "line", None), _turns(o) if isinstance(o, Dialogue) else o.reason)
+    expected = [(type(o).__name__, getattr(o, "line", None), turn_pairs(o) if isinstance(o, Dialogue) else o.reason)
                 for o in endoftext.read(plain)]
-    got = [(type(o).__name__, getattr(o, "line", None), _turns(o) if isinstance(o, Dialogue) else o.reason)
+    got = [(type(o).__name__, getattr(o, "line", None), turn_pairs(o) if isinstance(o, Dialogue) else o.reason)
            for o in endoftext.read(packed)]
     assert got == expected
 
@@ -75,7 +69,7 @@ def test_non_string_items_in_json_list_are_rejected(tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(["Hi<|endoftext|>Hello", {"text": "Hi"}, 42, "<|endoftext|>  "]))
     out = list(endoftext.read(path))
-    assert isinstance(out[0], Dialogue) and _turns(out[0]) == [("A", "Hi"), ("B", "Hello")]
+    assert isinstance(out[0], Dialogue) and turn_pairs(out[0]) == [("A", "Hi"), ("B", "Hello")]
     assert [(r.line, r.item, r.reason) for r in out[1:]] == [
         (None, "[1]", "expected a string, got dict"),
         (None, "[2]", "expected a string, got int"),

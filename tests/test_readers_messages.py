@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from dialogtune.dialogue import Dialogue, Reject
+from helpers import FIXTURES, split_items, turn_pairs
+
 from dialogtune.readers import messages
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MESSAGES = FIXTURES / "messages.jsonl"
 
 
-def _split(out):
-    out = list(out)
-    return [o for o in out if isinstance(o, Dialogue)], [o for o in out if isinstance(o, Reject)]
-
-
-def _turns(dialogue: Dialogue) -> list[tuple[str | None, str]]:
-    return [(t.speaker, t.text) for t in dialogue.turns]
 
 
 def test_openai_messages_with_system_text():
-    dialogues, _ = _split(messages.read(MESSAGES))
+    dialogues, _ = split_items(messages.read(MESSAGES))
     first = dialogues[0]
     assert (first.id, first.line, first.source) == ("conv-1", 1, str(MESSAGES))
     assert first.meta == {"system": "You are a patient cooking assistant."}
-    assert _turns(first) == [
+    assert turn_pairs(first) == [
         ("user", "How long should I rest a steak?"),
         ("assistant", "About five minutes for a thin cut, ten for a thick one."),
         ("user", "Covered or uncovered?"),
@@ -35,18 +27,18 @@ def test_openai_messages_with_system_text():
 
 
 def test_sharegpt_conversations():
-    dialogues, _ = _split(messages.read(MESSAGES))
+    dialogues, _ = split_items(messages.read(MESSAGES))
     assert len(dialogues) == 2
     sharegpt = dialogues[1]
     assert (sharegpt.id, sharegpt.line, sharegpt.meta) == ("messages.jsonl#1", 2, {})
-    assert _turns(sharegpt) == [
+    assert turn_pairs(sharegpt) == [
         ("user", "Write a haiku about autumn."),
         ("assistant", "Crisp leaves drift and fall\nwhispering to the cold ground\nsummer's last goodbye"),
     ]
 
 
 def test_unknown_role_and_empty_conversation_are_rejected_with_line_numbers():
-    _, rejects = _split(messages.read(MESSAGES))
+    _, rejects = split_items(messages.read(MESSAGES))
     assert [(r.source, r.line, r.item, r.reason) for r in rejects] == [
         (str(MESSAGES), 3, None, "message 1: unknown role 'narrator'"),
         (str(MESSAGES), 4, None, "no non-empty user or assistant message"),
@@ -63,8 +55,8 @@ def test_json_file_and_malformed_records(tmp_path):
         {"prompt": "hi"},
         "just text",
     ]))
-    dialogues, rejects = _split(messages.read(path))
-    assert [(d.id, d.line, d.meta, _turns(d)) for d in dialogues] == [
+    dialogues, rejects = split_items(messages.read(path))
+    assert [(d.id, d.line, d.meta, turn_pairs(d)) for d in dialogues] == [
         ("chats.json#0", None, {"system": "Be brief."}, [("user", "Hi"), ("assistant", "Hello.")]),
     ]
     assert [(r.line, r.item, r.reason) for r in rejects] == [
@@ -78,7 +70,7 @@ def test_json_file_and_malformed_records(tmp_path):
 def test_malformed_jsonl_line(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n{"messages": [\n')
-    dialogues, rejects = _split(messages.read(path))
-    assert [_turns(d) for d in dialogues] == [[("user", "Hi")]]
+    dialogues, rejects = split_items(messages.read(path))
+    assert [turn_pairs(d) for d in dialogues] == [[("user", "Hi")]]
     assert [r.line for r in rejects] == [2]
     assert rejects[0].reason.startswith("malformed JSON: ")

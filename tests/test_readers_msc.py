@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, SHARED_DATA
 
 from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import DataError, msc, read_dialogues
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MSC_REAL = SHARED_DATA / "msc" / "msc_dialog_samples.json"
 
 

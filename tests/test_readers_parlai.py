@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import FIXTURES, SHARED_DATA, split_items, turn_pairs
 
-from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import detect_format, parlai
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PERSONACHAT = FIXTURES / "personachat.txt"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PERSONACHAT_REAL = SHARED_DATA / "personachat" / "valid_both_original_no_cands.txt"
 
 
-def _split(out):
-    out = list(out)
-    return [o for o in out if isinstance(o, Dialogue)], [o for o in out if isinstance(o, Reject)]
-
-
-def _turns(dialogue: Dialogue) -> list[tuple[str | None, str]]:
-    return [(t.speaker, t.text) for t in dialogue.turns]
 
 
 def test_numbered_episodes_with_personas():
-    dialogues, rejects = _split(parlai.read(PERSONACHAT))
+    dialogues, rejects = split_items(parlai.read(PERSONACHAT))
     assert rejects == []
     assert [(d.id, d.line, d.source) for d in dialogues] == [
         ("personachat.txt#0", 1, str(PERSONACHAT)),
@@ -36,7 +25,7 @@ def test_numbered_episodes_with_personas():
         "self": ["i love to bake bread.", "i have two golden retrievers.", "i work as a night nurse."],
         "partner": ["i am a college student.", "i play the trumpet in a jazz band."],
     }
-    assert _turns(first) == [
+    assert turn_pairs(first) == [
         ("partner", "hi there ! how is your evening going ?"),
         ("self", "pretty good , just got home from a long shift at the hospital ."),
         ("partner", "oh wow , are you a doctor ?"),
@@ -50,7 +39,7 @@ def test_numbered_episodes_with_personas():
         "partner": ["i am a vegetarian."],
     }
     # `__SILENCE__` means self speaks first: no partner turn.
-    assert _turns(second) == [
+    assert turn_pairs(second) == [
         ("self", "hello ! i just moved here , do you know any good parks ?"),
         ("partner", "the botanical garden downtown is lovely ."),
         ("self", "green is my favorite color , so that sounds perfect ."),
@@ -67,13 +56,13 @@ def test_field_layout(tmp_path):
         "text:yes , hi !\teval_labels:do you like music ?\tepisode_done:True\n"
     )
     assert detect_format(path) == "parlai"
-    dialogues, rejects = _split(parlai.read(path))
+    dialogues, rejects = split_items(parlai.read(path))
     assert rejects == []
     assert [(d.id, d.line) for d in dialogues] == [("convai2_fields.txt#0", 1), ("convai2_fields.txt#1", 3)]
     first, second = dialogues
     assert first.meta["personas"] == {"self": ["i like cats.", "i am a chef."], "partner": ["i run marathons."]}
     # Only the first of several labels (`|`-separated) is the response.
-    assert _turns(first) == [
+    assert turn_pairs(first) == [
         ("partner", "hi , how are you ?"),
         ("self", "i am great , just cooked dinner ."),
         ("partner", "what did you cook ?"),
@@ -81,7 +70,7 @@ def test_field_layout(tmp_path):
     ]
     assert second.meta["personas"] == {"self": ["i play guitar."]}
     # `__SILENCE__` is dropped here too; eval_labels stand in for labels.
-    assert _turns(second) == [
+    assert turn_pairs(second) == [
         ("self", "hello , anyone there ?"),
         ("partner", "yes , hi !"),
         ("self", "do you like music ?"),
@@ -96,12 +85,12 @@ def test_unnumbered_and_untabbed_lines_are_rejected(tmp_path):
         "just some text\n"
         "3 how are you ?\tgreat , just back from the beach .\n"
     )
-    dialogues, rejects = _split(parlai.read(path))
+    dialogues, rejects = split_items(parlai.read(path))
     assert [(r.line, r.reason) for r in rejects] == [
         (2, "expected 'utterance<TAB>response'"),
         (3, "expected a numbered line ('N text') or ParlAI fields ('text:...')"),
     ]
-    assert [(d.line, d.meta, _turns(d)) for d in dialogues] == [
+    assert [(d.line, d.meta, turn_pairs(d)) for d in dialogues] == [
         (1, {"personas": {"self": ["i surf."]}},
          [("partner", "how are you ?"), ("self", "great , just back from the beach .")]),
     ]
@@ -109,7 +98,7 @@ def test_unnumbered_and_untabbed_lines_are_rejected(tmp_path):
 
 @pytest.mark.skipif(not PERSONACHAT_REAL.exists(), reason="shared PersonaChat data not available")
 def test_real_personachat_valid():
-    dialogues, rejects = _split(parlai.read(PERSONACHAT_REAL))
+    dialogues, rejects = split_items(parlai.read(PERSONACHAT_REAL))
     assert rejects == []
     assert len(dialogues) == 1000
     for dialogue in dialogues:
@@ -119,7 +108,7 @@ def test_real_personachat_valid():
         assert dialogue.speakers() == ["partner", "self"]
     first = dialogues[0]
     assert first.meta["personas"]["self"][0] == "i read twenty books a year."
-    assert _turns(first)[:2] == [
+    assert turn_pairs(first)[:2] == [
         ("partner", "hello what are doing today ?"),
         ("self", "i am good , i just got off work and tired , i have two jobs ."),
     ]

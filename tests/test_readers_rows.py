@@ -4,45 +4,35 @@ from JSON, JSONL, CSV, Parquet and `datasets` directories."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, SHARED_DATA, split_items, turn_pairs
 
-from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import DataError, detect_format, read_dialogues, rows
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMSUM_REAL = SHARED_DATA / "samsum" / "validation.json"
 
 
-def _split(out):
-    out = list(out)
-    return [o for o in out if isinstance(o, Dialogue)], [o for o in out if isinstance(o, Reject)]
-
-
-def _turns(dialogue: Dialogue) -> list[tuple[str | None, str]]:
-    return [(t.speaker, t.text) for t in dialogue.turns]
 
 
 def test_jsonl_pairs():
     path = FIXTURES / "pairs.jsonl"
-    dialogues, _ = _split(rows.read(path))
+    dialogues, _ = split_items(rows.read(path))
     # Ids come from the `id` field, else file name and record number (blank lines do not count).
     assert [(d.id, d.line) for d in dialogues] == [("pair-1", 1), ("pair-2", 2), ("pairs.jsonl#4", 6)]
-    assert _turns(dialogues[0]) == [
+    assert turn_pairs(dialogues[0]) == [
         ("user", "What is the capital of Australia?"),
         ("assistant", "Canberra, not Sydney as many people think."),
     ]
     assert dialogues[0].meta == {}
-    assert _turns(dialogues[1])[1] == ("assistant", "Try 'The Left Hand of Darkness' by Ursula K. Le Guin.")
+    assert turn_pairs(dialogues[1])[1] == ("assistant", "Try 'The Left Hand of Darkness' by Ursula K. Le Guin.")
     assert dialogues[1].meta == {"system": "You are a helpful librarian.\nKeep answers short."}
     assert dialogues[2].meta == {}  # empty contexts list: no system text
 
 
 def test_jsonl_bad_lines_are_rejected_with_line_numbers():
     path = FIXTURES / "pairs.jsonl"
-    _, rejects = _split(rows.read(path))
+    _, rejects = split_items(rows.read(path))
     assert [(r.source, r.line, r.item) for r in rejects] == [(str(path), 3, None), (str(path), 4, None)]
     assert rejects[0].reason.startswith("malformed JSON: ")
     assert rejects[1].reason == "needs string fields 'input' and 'response'"
@@ -50,8 +40,8 @@ def test_jsonl_bad_lines_are_rejected_with_line_numbers():
 
 def test_csv_pairs():
     path = FIXTURES / "pairs.csv"
-    dialogues, rejects = _split(rows.read(path))
-    assert [(d.id, d.line, _turns(d)) for d in dialogues] == [
+    dialogues, rejects = split_items(rows.read(path))
+    assert [(d.id, d.line, turn_pairs(d)) for d in dialogues] == [
         ("pairs.csv#0", 2, [
             ("user", "How do I boil an egg?"),
             ("assistant", "Put it in boiling water for about nine minutes, then cool it in cold water."),
@@ -68,7 +58,7 @@ def test_csv_pairs():
 def test_csv_with_extra_fields_and_no_known_columns_is_a_reject_not_a_crash(tmp_path):
     path = tmp_path / "odd.csv"
     path.write_text("question,answer\nWhy?,Because.\nHow?,Like, this\n")
-    _, rejects = _split(rows.read(path))
+    _, rejects = split_items(rows.read(path))
     assert [(r.line, r.reason) for r in rejects] == [
         (2, "expected fields input/response or dialogue/summary, got ['answer', 'question']"),
         (3, "row has 3 fields, the header has 2"),
@@ -77,10 +67,10 @@ def test_csv_with_extra_fields_and_no_known_columns_is_a_reject_not_a_crash(tmp_
 
 def test_samsum_style_dialogues_with_summaries():
     path = FIXTURES / "samsum_like.json"
-    dialogues, rejects = _split(rows.read(path))
+    dialogues, rejects = split_items(rows.read(path))
     assert [d.id for d in dialogues] == ["13862856", "13729565", "13680171"]
     assert all(d.line is None for d in dialogues)
-    assert _turns(dialogues[0]) == [
+    assert turn_pairs(dialogues[0]) == [
         ("Hannah", "Hey, do you have Betty's number?"),
         ("Amanda", "Lemme check"),
         ("Amanda", "Sorry, can't find it."),
@@ -91,14 +81,14 @@ def test_samsum_style_dialogues_with_summaries():
     assert dialogues[0].meta == {"summary": "Hannah needs Betty's number but Amanda doesn't have it. "
                                             "She needs to contact Larry."}
     # A line without a speaker (an attachment placeholder) is kept as narration.
-    assert _turns(dialogues[1]) == [
+    assert turn_pairs(dialogues[1]) == [
         ("Eric", "MACHINE!"),
         ("Rob", "That's so gr8!"),
         (None, "<file_gif>"),
         ("Eric", "I know! And shows how Americans see Russian ;)"),
     ]
     # An empty `Luke:` line is dropped; an empty summary is not kept.
-    assert _turns(dialogues[2]) == [("Sam", "Are you coming tonight?"), ("Sam", "?")]
+    assert turn_pairs(dialogues[2]) == [("Sam", "Are you coming tonight?"), ("Sam", "?")]
     assert dialogues[2].meta == {}
     assert [(r.line, r.item, r.reason) for r in rejects] == [(None, "[3]", "empty 'dialogue'")]
 
@@ -113,7 +103,7 @@ def test_json_data_wrapper_and_bad_records(tmp_path):
         {"input": "   ", "response": "Hello!"},
         {"dialogue": 5, "summary": "x"},
     ]}))
-    dialogues, rejects = _split(rows.read(path))
+    dialogues, rejects = split_items(rows.read(path))
     assert dialogues == []
     assert [(r.item, r.reason) for r in rejects] == [
         ("[0]", "'contexts' must be a list of strings"),
@@ -148,8 +138,8 @@ def test_parquet(tmp_path):
     })
     pq.write_table(table, path, row_group_size=2)  # two row groups: numbering runs across batches
     assert detect_format(path) == "rows"
-    dialogues, rejects = _split(read_dialogues(path))
-    assert [(d.id, d.line, _turns(d), d.meta) for d in dialogues] == [
+    dialogues, rejects = split_items(read_dialogues(path))
+    assert [(d.id, d.line, turn_pairs(d), d.meta) for d in dialogues] == [
         ("pairs.parquet#0", None, [("user", "What's the tallest mountain?"), ("assistant", "Mount Everest.")],
          {"system": "You are a geography tutor."}),
         ("pairs.parquet#1", None, [("user", "Name a prime number."), ("assistant", "Seven.")], {}),
@@ -168,9 +158,9 @@ def test_datasets_directory(tmp_path):
     folder = tmp_path / "samsum_saved"
     datasets.Dataset.from_list(records).save_to_disk(str(folder))
     assert detect_format(folder) == "rows"
-    dialogues, rejects = _split(read_dialogues(folder))
+    dialogues, rejects = split_items(read_dialogues(folder))
     assert rejects == []
-    assert [(d.id, d.line, _turns(d), d.meta["summary"]) for d in dialogues] == [
+    assert [(d.id, d.line, turn_pairs(d), d.meta["summary"]) for d in dialogues] == [
         ("s1", None, [("Kate", "Lunch at 1?"), ("Tom", "Sure, see you there.")], "Kate and Tom meet at 1."),
         ("s2", None, [("Ola", "Did you feed the cat?"), ("Piotr", "Yes, twice.")], "Piotr fed the cat."),
     ]
@@ -186,7 +176,7 @@ def test_datasets_directory(tmp_path):
 def test_real_samsum_validation():
     assert detect_format(SAMSUM_REAL) == "rows"
     raw = json.loads(SAMSUM_REAL.read_text(encoding="utf-8"))
-    dialogues, rejects = _split(rows.read(SAMSUM_REAL))
+    dialogues, rejects = split_items(rows.read(SAMSUM_REAL))
     assert rejects == []
     assert len(dialogues) == 818
     assert [d.id for d in dialogues] == [r["id"] for r in raw]
@@ -197,5 +187,5 @@ def test_real_samsum_validation():
     first = dialogues[0]
     assert first.id == "13817023"
     # Curly apostrophes are straightened by clean_text.
-    assert _turns(first)[:2] == [("A", "Hi Tom, are you busy tomorrow's afternoon?"),
+    assert turn_pairs(first)[:2] == [("A", "Hi Tom, are you busy tomorrow's afternoon?"),
                                  ("B", "I'm pretty sure I am. What's up?")]

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, SHARED_DATA, split_items
 
 from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import DataError, detect_format, read_dialogues, sgd
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SGD_DIR = FIXTURES / "sgd"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SGD_DEV = SHARED_DATA / "sgd" / "dev"
 
-
-def _split(out):
-    out = list(out)
-    return [o for o in out if isinstance(o, Dialogue)], [o for o in out if isinstance(o, Reject)]
 
 
 def _summary(out) -> list[tuple]:
@@ -34,7 +28,7 @@ def _summary(out) -> list[tuple]:
 
 
 def test_directory_dialogues_and_speakers():
-    dialogues, _ = _split(sgd.read(SGD_DIR))
+    dialogues, _ = split_items(sgd.read(SGD_DIR))
     assert [d.id for d in dialogues] == ["1_00000", "1_00001"]
     assert all(d.source == str(SGD_DIR / "dialogues_001.json") for d in dialogues)
     assert [(t.speaker, t.text) for t in dialogues[0].turns] == [
@@ -48,14 +42,14 @@ def test_directory_dialogues_and_speakers():
 
 
 def test_empty_utterance_is_rejected_with_its_position():
-    _, rejects = _split(sgd.read(SGD_DIR))
+    _, rejects = split_items(sgd.read(SGD_DIR))
     assert [(r.source, r.line, r.item, r.reason) for r in rejects] == [
         (str(SGD_DIR / "dialogues_001.json"), None, "[1].turns[3].utterance", "empty utterance"),
     ]
 
 
 def test_frames_are_kept_on_turns():
-    dialogues, _ = _split(sgd.read(SGD_DIR))
+    dialogues, _ = split_items(sgd.read(SGD_DIR))
     first = dialogues[0].turns[0]
     (frame,) = first.meta["frames"]
     assert frame["service"] == "Restaurants_1"
@@ -78,7 +72,7 @@ def test_frames_are_kept_on_turns():
 
 
 def test_services_and_their_schemas_are_kept_on_dialogues():
-    dialogues, _ = _split(sgd.read(SGD_DIR))
+    dialogues, _ = split_items(sgd.read(SGD_DIR))
     first, second = dialogues
     assert first.meta["services"] == ["Restaurants_1"]
     assert list(first.meta["schemas"]) == ["Restaurants_1"]
@@ -110,7 +104,7 @@ def test_gzipped_files_read_the_same(tmp_path):
 
 def test_without_a_schema_file_schemas_are_empty(tmp_path):
     shutil.copy(SGD_DIR / "dialogues_001.json", tmp_path / "dialogues_001.json")
-    dialogues, _ = _split(sgd.read(tmp_path))
+    dialogues, _ = split_items(sgd.read(tmp_path))
     assert [d.meta for d in dialogues] == [
         {"services": ["Restaurants_1"], "schemas": {}},
         {"services": ["Weather_1", "RideSharing_2"], "schemas": {}},
@@ -140,7 +134,7 @@ def test_bad_dialogues_and_turns(tmp_path):
 @pytest.mark.skipif(not SGD_DEV.is_dir(), reason="shared SGD data not available")
 def test_real_sgd_dev():
     assert detect_format(SGD_DEV) == "sgd"
-    dialogues, rejects = _split(sgd.read(SGD_DEV))
+    dialogues, rejects = split_items(sgd.read(SGD_DEV))
     assert rejects == []
     assert len(dialogues) == 1074
     assert len({d.id for d in dialogues}) == 1074

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from helpers import FIXTURES, split_items, turn_pairs
 
-from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.readers import transcript
 from dialogtune.readers.transcript import split_speaker
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TRANSCRIPT = FIXTURES / "transcript.txt"
 
 
-def _split(out):
-    out = list(out)
-    return [o for o in out if isinstance(o, Dialogue)], [o for o in out if isinstance(o, Reject)]
-
-
-def _turns(dialogue: Dialogue) -> list[tuple[str | None, str]]:
-    return [(t.speaker, t.text) for t in dialogue.turns]
 
 
 def test_scenes_speakers_and_narration():
-    dialogues, _ = _split(transcript.read(TRANSCRIPT))
+    dialogues, _ = split_items(transcript.read(TRANSCRIPT))
     # Blank line after line 5 and the `---` on line 11 each end a scene.
     assert [(d.id, d.line) for d in dialogues] == [
         ("transcript.txt#scene0", 1),
         ("transcript.txt#scene1", 7),
         ("transcript.txt#scene2", 12),
     ]
-    assert _turns(dialogues[0]) == [
+    assert turn_pairs(dialogues[0]) == [
         (None, "INT. BAKERY - MORNING"),
         ("Alice", "Good morning! Are the croissants ready yet?"),
         ("Bob Smith", "Five more minutes. (wipes flour off his hands) Coffee while you wait?"),
@@ -37,14 +28,14 @@ def test_scenes_speakers_and_narration():
         ("Bob", "I'll get it, Dad."),
     ]
     assert [t.meta["line"] for t in dialogues[0].turns] == [1, 2, 3, 4, 5]
-    assert _turns(dialogues[1]) == [
+    assert turn_pairs(dialogues[1]) == [
         (None, "Bob walks to the espresso machine."),
         ("Bob", "Here you go, Alice."),
         # `wouldnâ€™t` (UTF-8 read as cp1252) is repaired.
         ("Alice", "Thanks, Bob. I wouldn't start the day without it."),
     ]
     assert [t.meta["line"] for t in dialogues[1].turns] == [7, 8, 10]
-    assert _turns(dialogues[2]) == [
+    assert turn_pairs(dialogues[2]) == [
         (None, "EXT. STREET - LATER"),
         ("Alice", "(waving) See you tomorrow!"),
         ("Bob Smith", "Don't forget your umbrella."),
@@ -55,14 +46,14 @@ def test_scenes_speakers_and_narration():
 
 
 def test_empty_turn_is_rejected_with_its_line():
-    _, rejects = _split(transcript.read(TRANSCRIPT))
+    _, rejects = split_items(transcript.read(TRANSCRIPT))
     assert [(r.source, r.line, r.reason) for r in rejects] == [
         (str(TRANSCRIPT), 9, "empty text after speaker 'Alice'"),
     ]
 
 
 def test_actions_can_be_dropped():
-    dialogues, rejects = _split(transcript.read(TRANSCRIPT, actions="drop"))
+    dialogues, rejects = split_items(transcript.read(TRANSCRIPT, actions="drop"))
     assert dialogues[0].turns[2].text == "Five more minutes. Coffee while you wait?"
     assert dialogues[2].turns[1].text == "See you tomorrow!"
     assert [r.line for r in rejects] == [9]
@@ -70,15 +61,15 @@ def test_actions_can_be_dropped():
 
 def test_known_speakers_are_matched_as_exact_prefixes():
     # Only "Alice" and "Bob": "Bob Smith: ..." is not Bob speaking, it is narration.
-    dialogues, _ = _split(transcript.read(TRANSCRIPT, speakers=["Alice", "Bob"]))
+    dialogues, _ = split_items(transcript.read(TRANSCRIPT, speakers=["Alice", "Bob"]))
     first = dialogues[0]
     assert first.turns[2].speaker is None
     assert first.turns[2].text == "Bob Smith: Five more minutes. (wipes flour off his hands) Coffee while you wait?"
     assert first.speakers() == ["Alice", "Bob"]
     # Same result whatever order the names come in, and "Bob Smith" is found when named.
-    dialogues, _ = _split(transcript.read(TRANSCRIPT, speakers=["Bob", "Alice", "Bob Smith"]))
+    dialogues, _ = split_items(transcript.read(TRANSCRIPT, speakers=["Bob", "Alice", "Bob Smith"]))
     assert dialogues[0].speakers() == ["Alice", "Bob Smith", "Bob"]
-    assert _turns(dialogues[2])[2] == ("Bob Smith", "Don't forget your umbrella.")
+    assert turn_pairs(dialogues[2])[2] == ("Bob Smith", "Don't forget your umbrella.")
 
 
 def test_split_speaker_strict_prefix_not_character_strip():
@@ -110,11 +101,11 @@ def test_crlf_lines_and_narration_only_scenes(tmp_path):
         b"\r\n"
         b"Ann: Go!\r\n"
     )
-    dialogues, rejects = _split(transcript.read(path))
+    dialogues, rejects = split_items(transcript.read(path))
     # The narration-only first scene makes no dialogue (it is listed as a reject, never lost
     # silently) and does not use up a scene number.
     assert [(r.line, r.reason) for r in rejects] == [(1, "scene of 1 narration line(s) and no speaker line")]
-    assert [(d.id, d.line, _turns(d)) for d in dialogues] == [
+    assert [(d.id, d.line, turn_pairs(d)) for d in dialogues] == [
         ("log.txt#scene0", 3, [("Ann", "Ready?"), ("Ben", "Always.")]),
         ("log.txt#scene1", 7, [("Ann", "Go!")]),
     ]

@@ -37,7 +37,7 @@ def test_fitting_example_is_one_sequence(byte_tokenizer):
 
 def test_long_dialogue_is_split_at_turns_with_every_trained_turn_once(byte_tokenizer):
     ex = dialogue(12)
-    whole, _, encoder = encode(byte_tokenizer, ex, 100_000)
+    whole, _, _ = encode(byte_tokenizer, ex, 100_000)
     full_length = len(whole[0].input_ids)
     max_length = full_length // 3
     pieces, stats, _ = encode(byte_tokenizer, ex, max_length)

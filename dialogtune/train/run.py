@@ -230,9 +230,10 @@ def summary_text(summary: dict) -> str:
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     change = f"validation loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
     lines = [
-        f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:.0f} tokens/s,"
-        f" {summary['trained_tokens_per_s']:.0f} trained tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB);"
-        f" {change}last train loss {summary['train_loss_last']}; skipped steps {summary['skipped_steps']}",
+        (f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:.0f}"
+         f" tokens/s, {summary['trained_tokens_per_s']:.0f} trained tokens/s, peak memory"
+         f" {summary['peak_memory_mb']:.0f} MB); {change}last train loss {summary['train_loss_last']};"
+         f" skipped steps {summary['skipped_steps']}"),
         f"run: {summary['run_dir']}   model: {summary['final']}   plot: {Path(summary['run_dir']) / 'loss.png'}",
     ]
     for sample in summary["samples"]:
