@@ -29,9 +29,15 @@ def load_model(config: TrainJobConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     location = resolve(config.model.name)
-    if config.method == "qlora" and not torch.cuda.is_available():
-        raise TrainSetupError("method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a CUDA"
-                              " GPU; none is visible here. Use method: lora on this machine.")
+    if config.method == "qlora":
+        if not torch.cuda.is_available():
+            raise TrainSetupError("method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a"
+                                  " CUDA GPU; none is visible here. Use method: lora on this machine.")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainSetupError("method: qlora needs bitsandbytes: pip install 'dialogtune[qlora]'"
+                                  " (or pip install bitsandbytes)")
     try:
         model_config = AutoConfig.from_pretrained(location)
     except OSError as err:
