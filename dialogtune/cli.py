@@ -4,6 +4,8 @@
     dialogtune inspect PREPARED_DIR [--index N] [--split validation]
     dialogtune train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
     dialogtune export RUN_DIR --merge [-o DIR]
+    dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N]
+    dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
 """
 
 from __future__ import annotations
@@ -117,6 +119,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_flags(p, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--seed", type=int)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from dialogtune.chat import run_chat
+
+    return run_chat(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dialogtune.generate import run_generate
+
+    return run_generate(args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -142,8 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="a run directory")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base model")
     p.add_argument("-o", "--output", help="output directory (default RUN/merged)")
+    p = sub.add_parser("chat", help="talk to a trained run (or any chat model) in the terminal")
+    p.add_argument("model", help="a run directory, its final/ or merged/, or a model name/path")
+    p.add_argument("--as", dest="speaker_as", help="the character the model speaks as (transcript runs)")
+    p.add_argument("--user", default="User", help="your name in the conversation (default User)")
+    p.add_argument("--system", help="a system prompt / persona (default: the one used in training)")
+    _sampling_flags(p, temperature=0.7, max_new_tokens=128)
+    p.add_argument("--play", type=int, default=0, metavar="N", help="N turns against a scripted user, then exit")
+    p.add_argument("--no-cache", action="store_true", help="re-read the whole conversation every turn")
+    p.add_argument("--load-in-8bit", action="store_true")
+    p.add_argument("--load-in-4bit", action="store_true")
+    p = sub.add_parser("generate", help="replies for a JSONL of conversations or a prepared validation split")
+    p.add_argument("model", help="a run directory, its final/ or merged/, or a model name/path")
+    p.add_argument("--input", required=True, help="JSONL with 'messages', or a prepared dataset directory")
+    p.add_argument("--output", required=True, help="JSONL to write: every input field plus 'reply'")
+    p.add_argument("--split", default="validation", help="with a prepared directory: which split")
+    p.add_argument("--batch-size", type=int, default=8)
+    _sampling_flags(p, temperature=0.0, max_new_tokens=128)
     args = parser.parse_args(argv)
-    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export}
+    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
+                "chat": cmd_chat, "generate": cmd_generate}
     try:
         return handlers[args.command](args)
     except _user_errors() as err:

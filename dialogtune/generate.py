@@ -1,0 +1,125 @@
+"""`dialogtune generate RUN --input FILE --output FILE`: replies for a file of conversations.
+
+    dialogtune generate runs/sgd_respond --input chats.jsonl --output replies.jsonl
+
+Input: JSONL with OpenAI-style `messages` (the conversation so far), or a prepared dataset
+directory (its validation split: each example's context up to its first trained turn, with that
+turn as `reference`). Batches are sorted by length and left-padded; decoding is greedy unless
+sampling flags say otherwise. Every input field is kept and `reply` (and `stopped`) added.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dialogtune.infer import ChatModel, Sampling, iter_jsonl, load_chat_model
+from dialogtune.readers import DataError
+
+
+def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[list[int]]]:
+    records, prompts = [], []
+    for number, record in enumerate(iter_jsonl(path), 1):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{path}:{number}: expected a non-empty list field 'messages'")
+        if chat.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": chat.system_prompt}, *messages]
+        text = chat.render(messages)
+        records.append(record)
+        prompts.append(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return records, prompts
+
+
+def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple[list[dict], list[list[int]]]:
+    import datasets
+
+    path = directory / split
+    if not path.exists():
+        raise DataError(f"{directory}: no {split} split to generate for")
+    records, prompts = [], []
+    for row in datasets.load_from_disk(str(path)):
+        positions = row["position_ids"]
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for start, end in zip(starts[:-1], starts[1:], strict=True):
+            labels = row["labels"][start:end]
+            first = next((i for i, label in enumerate(labels) if label != -100), None)
+            if first is None:
+                continue
+            ids = row["input_ids"][start:end]
+            last = first
+            while last < len(labels) and labels[last] != -100:
+                last += 1
+            reference = chat.tokenizer.decode(ids[first:last], skip_special_tokens=False)
+            reference = reference.split(chat.end_of_turn)[0].strip()
+            records.append({"context": chat.tokenizer.decode(ids[:first], skip_special_tokens=False),
+                            "reference": reference})
+            prompts.append(ids[:first])
+    return records, prompts
+
+
+def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
+                     batch_size: int = 8, quiet: bool = False) -> list[tuple[str, bool]]:
+    tokenizer = chat.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = chat.stops_for(None)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[tuple[str, bool]] = [("", False)] * len(prompts)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    bar = tqdm(total=len(prompts), desc="generate", unit=" replies", disable=quiet or None)
+    for begin in range(0, len(order), batch_size):
+        batch = order[begin : begin + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompts[index]):] = torch.tensor(prompts[index])
+            mask[row, width - len(prompts[index]):] = 1
+        with torch.no_grad():
+            output = chat.model.generate(input_ids=ids.to(chat.model.device), attention_mask=mask.to(chat.model.device),
+                                         pad_token_id=pad, stopping_criteria=chat.stopping_criteria(stops),
+                                         **sampling.generate_kwargs())
+        for row, index in enumerate(batch):
+            new = [t for t in output[row, width:].tolist() if t != pad or pad == tokenizer.eos_token_id]
+            text = tokenizer.decode(new, skip_special_tokens=False)
+            text, stopped = cut_at_stops(text, stops)
+            if tokenizer.eos_token and tokenizer.eos_token in text:
+                text, stopped = text.split(tokenizer.eos_token)[0], True
+            results[index] = (text.strip(), stopped or len(new) < sampling.max_new_tokens)
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def run_generate(args) -> int:
+    chat = load_chat_model(args.model)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    source = Path(args.input)
+    if source.is_dir():
+        records, prompts = prompts_from_prepared(chat, source, args.split)
+    elif source.exists():
+        records, prompts = prompts_from_jsonl(chat, source)
+    else:
+        raise DataError(f"{source}: no such file or directory")
+    replies = generate_replies(chat, prompts, sampling, args.batch_size)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as fh:
+        for record, (reply, stopped) in zip(records, replies, strict=True):
+            out: dict[str, Any] = {**record, "reply": reply, "stopped": stopped}
+            fh.write(json.dumps(out, ensure_ascii=False) + "\n")
+    stopped = sum(1 for _, s in replies if s)
+    print(f"{len(replies)} replies -> {output} ({stopped} stopped by themselves)")
+    return 0

@@ -1,0 +1,84 @@
+"""Inference that matches training: stop strings never shown, the key/value cache reused across
+turns without changing a single reply, history kept within the context by tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from dialogtune.infer import Conversation, Sampling, StopFilter, common_prefix, load_chat_model
+
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+
+
+def test_stop_filter_holds_back_partial_stop_strings_and_hides_the_stop():
+    f = StopFilter(["<|im_end|>", "\nAlice:"])
+    shown = [f.feed(p) for p in ["Hello", " there<|im", "_end|>ignored"]]
+    assert shown == ["Hello", " there", ""] and f.stopped
+    g = StopFilter(["\nAlice:"])
+    assert g.feed("Fine.\nAl") == "Fine."  # "\nAl" might become "\nAlice:"
+    assert g.feed("bert says hi") == "\nAlbert says hi"  # it did not
+    assert g.feed("\nAlice: more") == "" and g.stopped
+    assert g.flush() == ""
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    from test_train_run import job
+
+    from dialogtune.train.run import train
+
+    directory = tmp_path_factory.mktemp("chat-run")
+    train(job(directory, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
+    return directory / "run"
+
+
+def test_a_run_loads_with_its_training_template_and_stops(tiny_run):
+    chat = load_chat_model(str(tiny_run))
+    assert chat.template_name == "chatml" and chat.end_of_turn == "<|im_end|>"
+    assert chat.render([{"role": "user", "content": "Hi"}]).endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                       "<|im_start|>assistant\n")
+    assert "<|im_end|>" in chat.stops_for("User")
+
+
+def test_cache_reuse_changes_no_reply_and_reads_only_new_tokens(tiny_run):
+    chat = load_chat_model(str(tiny_run))
+    cached, fresh = Conversation(chat), Conversation(chat, reuse_cache=False)
+    lines = ["Where is the station?", "What time is it?", "Can you book a table?"]
+    replies = [(cached.say(line, GREEDY), fresh.say(line, GREEDY)) for line in lines]
+    for with_cache, without in replies:
+        assert with_cache.text == without.text
+    assert replies[0][0].reused_tokens == 0
+    for turn in range(1, len(lines)):
+        before, now = replies[turn - 1][0], replies[turn][0]
+        # Everything the model read and wrote last turn comes from the cache (all but the last
+        # generated token, which was never fed back); only the new turn is processed.
+        assert now.reused_tokens == before.prompt_tokens + before.new_tokens - 1, turn
+        assert replies[turn][1].reused_tokens == 0
+
+
+def test_streamed_pieces_make_up_the_reply(tiny_run):
+    chat = load_chat_model(str(tiny_run))
+    pieces: list[str] = []
+    reply = Conversation(chat).say("Where is the station?", Sampling(temperature=0, max_new_tokens=16),
+                                   on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces).strip() == reply.text
+    assert "<|im_end|>" not in "".join(pieces)
+
+
+def test_history_is_trimmed_by_tokens_keeping_the_system_prompt(tiny_run):
+    chat = load_chat_model(str(tiny_run))
+    chat.context_length = 80
+    conversation = Conversation(chat, system_prompt="Be brief.")
+    for i in range(6):
+        conversation.say(f"Question number {i} about the station?", GREEDY)
+    conversation.messages.append({"role": "user", "content": "Question number 5 again?"})
+    _, ids = conversation.prompt_ids(GREEDY.max_new_tokens)
+    assert len(ids) + GREEDY.max_new_tokens <= 80
+    text = chat.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.") and "Question number 5" in text
+    assert "Question number 0" not in text and len(conversation.messages) < 13
+    assert conversation.messages[0]["role"] == "user"
