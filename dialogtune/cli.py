@@ -6,6 +6,7 @@
     dialogtune export RUN_DIR --merge [-o DIR]
     dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N]
     dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
+    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY]
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dialogtune.serve import run_serve
+
+    return run_serve(args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -183,9 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="validation", help="with a prepared directory: which split")
     p.add_argument("--batch-size", type=int, default=8)
     _sampling_flags(p, temperature=0.0, max_new_tokens=128)
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat server with a chat page at /")
+    p.add_argument("model", help="a run directory, its final/ or merged/, or a model name/path")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on API requests")
+    p.add_argument("--model-id", help="the model name clients use (default: the run directory's name)")
+    p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
-                "chat": cmd_chat, "generate": cmd_generate}
+                "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except _user_errors() as err:

@@ -222,7 +222,8 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": reply.raw, "name": self.chat.assistant_name})
         return reply
 
-    def respond(self, sampling: Sampling, on_text: Callable[[str], None] | None = None) -> Reply:
+    def respond(self, sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                max_time: float | None = None) -> Reply:
         import time
 
         from transformers import DynamicCache
@@ -256,7 +257,7 @@ class Conversation:
         with torch.no_grad():
             output = self.chat.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=self._cache,
-                streamer=streamer, stopping_criteria=self.chat.stopping_criteria(stops),
+                streamer=streamer, stopping_criteria=self.chat.stopping_criteria(stops), max_time=max_time,
                 pad_token_id=self.chat.tokenizer.pad_token_id or self.chat.tokenizer.eos_token_id,
                 **sampling.generate_kwargs())
         tail = filter_.flush()

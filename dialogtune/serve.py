@@ -1,0 +1,229 @@
+"""`dialogtune serve RUN_DIR`: an OpenAI-compatible chat server, and a chat page at `/`.
+
+    dialogtune serve runs/sgd_respond --port 8000 [--api-key SECRET]
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
+    client.chat.completions.create(model="sgd_respond", messages=[{"role": "user", "content": "Hi"}])
+
+Endpoints: POST /v1/chat/completions (with `stream: true` as server-sent events), GET
+/v1/models, GET /health, GET / (the chat page). Prompts are rendered with the run's training
+template. One reply is generated at a time; up to `--queue` requests wait, more get a 503.
+Binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+# At module level: FastAPI reads the handlers' annotations (`request: Request`) from here.
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dialogtune.infer import ChatModel, Conversation, Sampling
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send more fields (n, logprobs, ...); they are ignored
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+class Generator:
+    """Runs one generation at a time on a worker thread; counts what waits."""
+
+    def __init__(self, chat: ChatModel, queue_size: int, timeout: float):
+        self.chat = chat
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.waiting = 0
+        self.lock = threading.Lock()
+
+    def admit(self) -> None:
+        with self.lock:
+            if self.waiting >= self.queue_size + 1:  # one running plus `queue_size` waiting
+                raise ApiError(503, f"server busy: {self.waiting} requests ahead; retry later", "server_busy")
+            self.waiting += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    def run(self, request: CompletionRequest, max_tokens: int, on_text) -> Any:
+        system = "\n".join(m.content for m in request.messages if m.role == "system") or self.chat.system_prompt
+        conversation = Conversation(self.chat, system_prompt=system, reuse_cache=False)
+        conversation.messages.extend({"role": m.role, "content": m.content} for m in request.messages
+                                     if m.role != "system")
+        sampling = Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p,
+                            max_new_tokens=max_tokens, seed=request.seed)
+        return conversation.respond(sampling, on_text, max_time=self.timeout)
+
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) -> int:
+    """Refuse what cannot be answered; returns the number of tokens the reply may have."""
+    if request.model not in (None, model_id):
+        raise ApiError(400, f"unknown model {request.model!r}; this server has {model_id!r}", param="model")
+    if request.messages[-1].role == "assistant":
+        raise ApiError(400, "the last message must be from the user (or system)", param="messages")
+    prompt = chat.render([{"role": m.role, "content": m.content} for m in request.messages])
+    length = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    asked = request.max_completion_tokens or request.max_tokens
+    room = chat.context_length - length
+    if room < 1 or (asked is not None and asked > room):
+        raise ApiError(400, f"the prompt has {length} tokens; with max_tokens={asked or 1} it exceeds the"
+                            f" model's context of {chat.context_length}", param="messages")
+    return asked or min(DEFAULT_MAX_TOKENS, room)
+
+
+def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue_size: int = 8,
+               timeout: float = 120.0):
+    app = FastAPI(title="dialogtune", docs_url=None, redoc_url=None)
+    generator = Generator(chat, queue_size, timeout)
+    page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception):  # one bad request never takes the server down
+        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}: {err}", "server_error").body(),
+                            status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page.replace("{{MODEL}}", model_id).replace("{{NEEDS_KEY}}", "true" if api_key else "false")
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "waiting": generator.waiting}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "dialogtune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request):
+        authorize(request)
+        try:
+            body = CompletionRequest.model_validate(await request.json())
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+        except ValueError as err:
+            raise ApiError(400, f"the body is not valid JSON: {err}") from None
+        max_tokens = check_request(chat, model_id, body)
+        generator.admit()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        loop = asyncio.get_running_loop()
+        if not body.stream:
+            try:
+                reply = await loop.run_in_executor(generator.executor, generator.run, body, max_tokens, None)
+            finally:
+                generator.release()
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                                 "finish_reason": "stop" if reply.stopped else "length"}],
+                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.new_tokens,
+                              "total_tokens": reply.prompt_tokens + reply.new_tokens}}
+
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                                          "finish_reason": finish}]}) + "\n\n"
+
+        def work():
+            try:
+                reply = generator.run(body, max_tokens,
+                                      lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+                loop.call_soon_threadsafe(pieces.put_nowait, reply)
+            except Exception as err:  # reported in the stream, never raised into the server
+                loop.call_soon_threadsafe(pieces.put_nowait, err)
+            finally:
+                generator.release()
+
+        loop.run_in_executor(generator.executor, work)
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            first = True
+            while True:
+                item = await pieces.get()
+                if isinstance(item, str):
+                    text = item.lstrip() if first else item
+                    if text:
+                        first = False
+                        yield chunk({"content": text})
+                elif isinstance(item, Exception):
+                    yield "data: " + json.dumps(ApiError(500, str(item), "server_error").body()) + "\n\n"
+                    break
+                else:
+                    yield chunk({}, "stop" if item.stopped else "length")
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from dialogtune.infer import load_chat_model
+
+    chat = load_chat_model(args.model)
+    model_id = args.model_id or Path(args.model.rstrip("/")).name
+    app = create_app(chat, model_id, api_key=args.api_key, queue_size=args.queue, timeout=args.timeout)
+    print(f"serving {args.model} as {model_id!r} on http://{args.host}:{args.port}  (chat page at /,"
+          f" OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
