@@ -11,6 +11,7 @@ sampling flags say otherwise. Every input field is kept and `reply` (and `stoppe
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple
     for row in datasets.load_from_disk(str(path)):
         positions = row["position_ids"]
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        for start, end in zip(starts[:-1], starts[1:], strict=True):
+        for start, end in pairwise(starts):
             labels = row["labels"][start:end]
             first = next((i for i, label in enumerate(labels) if label != -100), None)
             if first is None:

@@ -184,7 +184,7 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
                 reply = generator.run(body, max_tokens,
                                       lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
                 loop.call_soon_threadsafe(pieces.put_nowait, reply)
-            except Exception as err:  # reported in the stream, never raised into the server
+            except Exception as err:  # noqa: BLE001  reported in the stream, never raised into the server
                 loop.call_soon_threadsafe(pieces.put_nowait, err)
             finally:
                 generator.release()
