@@ -217,12 +217,13 @@ def sample_replies(model, tokenizer, dataset, manifest: dict, count: int) -> lis
             generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
                                        do_sample=False, pad_token_id=manifest["tokenizer"]["pad_token_id"])
         reply = tokenizer.decode(generated[0, prompt.shape[1]:].tolist(), skip_special_tokens=False)
-        reply = reply.split(end_of_turn)[0] if end_of_turn.strip() or end_of_turn == "\n" else reply
-        context = tokenizer.decode(row["input_ids"][:first], skip_special_tokens=True).strip().splitlines()
-        expected = tokenizer.decode([t for t in row["input_ids"][first:] if t is not None][:64])
-        out.append({"context": context[-2] if len(context) > 1 else (context[-1] if context else ""),
-                    "reply": reply.replace(tokenizer.eos_token or "\0", "").strip(),
-                    "reference": expected.split(end_of_turn)[0].strip()})
+        reply = reply.split(end_of_turn)[0].replace(tokenizer.eos_token or "\0", "").strip()
+        expected = tokenizer.decode(row["input_ids"][first : first + 64]).split(end_of_turn)[0].strip()
+        # The line before the reply's header (e.g. "assistant") is, in most templates, the user's turn.
+        lines = [line for line in tokenizer.decode(row["input_ids"][:first], skip_special_tokens=True).splitlines()
+                 if line.strip()]
+        context = lines[-2] if len(lines) > 1 else (lines[-1] if lines else "")
+        out.append({"context": context.strip(), "reply": reply, "reference": expected})
     return out
 
 
