@@ -74,3 +74,16 @@ def tiny_model_dir(tmp_path_factory, byte_tokenizer):
     byte_tokenizer.save_pretrained(directory)
     byte_tokenizer.chat_template = None
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_job_dir(tmp_path_factory, tiny_model_dir):
+    """A directory holding a tiny LoRA run (`run/`) and its prepared data (`prepared/`), trained
+    for two steps: what chat, generate and serve load."""
+    from test_train_run import job
+
+    from dialogtune.train.run import train
+
+    directory = tmp_path_factory.mktemp("tiny-job")
+    train(job(directory, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
+    return directory

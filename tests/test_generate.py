@@ -11,14 +11,8 @@ from dialogtune.generate import cut_at_stops
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    from test_train_run import job
-
-    from dialogtune.train.run import train
-
-    directory = tmp_path_factory.mktemp("generate-run")
-    train(job(directory, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
-    return directory
+def tiny_run(tiny_job_dir):
+    return tiny_job_dir
 
 
 def write_inputs(path, count=7):

@@ -26,14 +26,8 @@ def test_common_prefix():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    from test_train_run import job
-
-    from dialogtune.train.run import train
-
-    directory = tmp_path_factory.mktemp("chat-run")
-    train(job(directory, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
-    return directory / "run"
+def tiny_run(tiny_job_dir):
+    return tiny_job_dir / "run"
 
 
 def test_a_run_loads_with_its_training_template_and_stops(tiny_run):

@@ -19,14 +19,8 @@ from dialogtune.serve import create_app
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    from test_train_run import job
-
-    from dialogtune.train.run import train
-
-    directory = tmp_path_factory.mktemp("serve-run")
-    train(job(directory, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
-    return directory / "run"
+def tiny_run(tiny_job_dir):
+    return tiny_job_dir / "run"
 
 
 def start_server(app) -> tuple[str, object, threading.Thread]:
