@@ -7,6 +7,8 @@
     dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N]
     dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
     dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY]
+    dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
+    dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
 """
 
 from __future__ import annotations
@@ -148,6 +150,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dialogtune.evaluate.run import compare, evaluate
+    from dialogtune.infer import Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    options = {"split": args.split, "limit": args.limit, "sampling": sampling, "batch_size": args.batch_size}
+    if args.compare:
+        compare(args.compare, args.data, args.task, Path(args.output or "eval-compare"), **options)
+    elif args.model:
+        evaluate(args.model, args.data, args.task, out=Path(args.output) if args.output else None, **options)
+    else:
+        raise ConfigError("name a model to evaluate, or several with --compare")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -198,9 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-id", help="the model name clients use (default: the run directory's name)")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
+    p = sub.add_parser("eval", help="evaluate by generation: BLEU/ROUGE/distinct/perplexity, report.json and .md")
+    p.add_argument("model", nargs="?", help="a run directory or a model name/path")
+    p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")
+    p.add_argument("--task", choices=["respond", "summarize"], help="default: the run's task")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("-o", "--output", help="output directory (default RUN/eval/DATA)")
+    p.add_argument("--compare", nargs="+", metavar="MODEL", help="evaluate several models on the same data")
+    p.add_argument("--batch-size", type=int, default=8)
+    _sampling_flags(p, temperature=0.0, max_new_tokens=128)
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
-                "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve}
+                "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except _user_errors() as err:

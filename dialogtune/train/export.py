@@ -42,6 +42,7 @@ def save_final(model, tokenizer, manifest: dict, config: TrainJobConfig, run: Pa
         "stop_strings": manifest["stop_strings"],
         "max_length": manifest["max_length"],
         "system_prompt": config.task.system_prompt,
+        "instruction": config.task.instruction if manifest["task"] == "summarize" else None,
     }
     (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if final.exists():

@@ -1,0 +1,1 @@
+"""`dialogtune eval`: generation-based evaluation with standard metrics and reports."""
