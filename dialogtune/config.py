@@ -109,6 +109,8 @@ class EvalConfig(Strict):
     every: int | None = None  # evaluate every N optimizer steps; None = once per epoch
     keep_best: int = Field(default=2, ge=1)  # checkpoints kept by metric (the newest is always kept too)
     metric: str = "eval_loss"  # lower is better for *loss / *perplexity, higher for the rest
+    report: bool = False  # at the end, run `dialogtune eval` on the validation split (generation metrics)
+    limit: int | None = None  # with report: evaluate only the first N validation samples
 
 
 class TrainJobConfig(PrepareConfig):

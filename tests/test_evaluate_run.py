@@ -89,3 +89,15 @@ def test_compare_prints_one_table_and_draws_a_chart(tiny_model_dir, tiny_job_dir
     assert [row.split(" | ")[0][2:] for row in rows] == [str(tiny_model_dir), str(tiny_job_dir / "run")]
     assert "| model | perplexity | loss | rouge1 |" in shown
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_evaluates_at_the_end_when_asked(tiny_model_dir, tmp_path):
+    from test_train_run import job
+
+    from dialogtune.train.run import train
+
+    summary = train(job(tmp_path, tiny_model_dir, train={"max_steps": 2}, samples=0,
+                        eval={"report": True, "limit": 3}), quiet=True)
+    assert summary["eval_report"]["metrics"]["perplexity"] > 1
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["samples"] == 3 and report["task"] == "respond"

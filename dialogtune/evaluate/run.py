@@ -37,11 +37,14 @@ def tokenizer_location(chat: ChatModel) -> str:
     return str(final) if final else chat.name
 
 
-def prepare_for(chat: ChatModel, data: str, task: str, split_name: str, out: Path) -> tuple[Path, str]:
-    """Prepare the evaluation data with the model's own tokenizer and training template."""
+def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
+    """Prepare the evaluation data with the model's own tokenizer and training template.
+    `data` is a job YAML, a data file, or (from `train`) a job config as a dict."""
     info = chat_info(chat)
-    source = Path(data)
-    if source.suffix in (".yaml", ".yml"):
+    source = Path(data) if isinstance(data, str) else Path("config")
+    if isinstance(data, dict):
+        raw = {k: v for k, v in data.items() if k != "output"}
+    elif source.suffix in (".yaml", ".yml"):
         raw = load_yaml(source)
         raw.pop("output", None)
     elif source.exists():
@@ -91,7 +94,7 @@ def sample_key(index: int, prompt: list[int], reference: str) -> str:
     return hashlib.sha1(json.dumps([index, prompt, reference]).encode()).hexdigest()[:16]
 
 
-def evaluate(model: str, data: str, task: str | None = None, split: str = "validation", limit: int | None = None,
+def evaluate(model: str, data: str | dict, task: str | None = None, split: str = "validation", limit: int | None = None,
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
              quiet: bool = False) -> dict[str, Any]:
     chat = load_chat_model(model)
@@ -99,7 +102,7 @@ def evaluate(model: str, data: str, task: str | None = None, split: str = "valid
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
-    out = Path(out or Path(model.rstrip("/")) / "eval" / Path(data).stem)
+    out = Path(out or Path(model.rstrip("/")) / "eval" / (Path(data).stem if isinstance(data, str) else "validation"))
     out.mkdir(parents=True, exist_ok=True)
     prepared, split = prepare_for(chat, data, task, split, out)
     if not (prepared / split).exists():

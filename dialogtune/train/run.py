@@ -183,6 +183,12 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
         "eval_loss_before": before, "eval_loss_after": after, "skipped_steps": trainer.bad_steps,
         "precision": precision, "samples": samples,
     }
+    if config.eval.report and eval_set is not None:
+        from dialogtune.evaluate.run import evaluate
+
+        report = evaluate(str(run), config.model_dump(mode="json", by_alias=True), limit=config.eval.limit,
+                          out=run / "eval", quiet=True)
+        summary["eval_report"] = {"path": str(run / "eval" / "report.md"), "metrics": report["metrics"]}
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not quiet:
         print(summary_text(summary))
