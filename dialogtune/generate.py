@@ -3,8 +3,8 @@
     dialogtune generate runs/sgd_respond --input chats.jsonl --output replies.jsonl
 
 Input: JSONL with OpenAI-style `messages` (the conversation so far), or a prepared dataset
-directory (its validation split: each example's context up to its first trained turn, with that
-turn as `reference`). Batches are sorted by length and left-padded; decoding is greedy unless
+directory (its validation split: one sample per trained turn, its context everything before
+it, the turn itself as `reference`). Batches are sorted by length and left-padded; decoding is greedy unless
 sampling flags say otherwise. Every input field is kept and `reply` (and `stopped`) added.
 """
 
@@ -48,18 +48,18 @@ def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
         for start, end in pairwise(starts):
             labels = row["labels"][start:end]
-            first = next((i for i, label in enumerate(labels) if label != -100), None)
-            if first is None:
-                continue
             ids = row["input_ids"][start:end]
-            last = first
-            while last < len(labels) and labels[last] != -100:
-                last += 1
-            reference = chat.tokenizer.decode(ids[first:last], skip_special_tokens=False)
-            reference = reference.split(chat.end_of_turn)[0].strip()
-            records.append({"context": chat.tokenizer.decode(ids[:first], skip_special_tokens=False),
-                            "reference": reference})
-            prompts.append(ids[:first])
+            # Every trained turn is a sample: its context is everything before it.
+            turn_start = None
+            for i, label in enumerate([*labels, -100]):
+                if label != -100 and turn_start is None:
+                    turn_start = i
+                elif label == -100 and turn_start is not None:
+                    reference = chat.tokenizer.decode(ids[turn_start:i], skip_special_tokens=False)
+                    records.append({"context": chat.tokenizer.decode(ids[:turn_start], skip_special_tokens=False),
+                                    "reference": reference.split(chat.end_of_turn)[0].strip()})
+                    prompts.append(ids[:turn_start])
+                    turn_start = None
     return records, prompts
 
 

@@ -243,7 +243,10 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig) 
     rows = pack_best_fit(lengths, config.max_length) if config.pack else one_per_row(lengths)
     table = rows_to_table(ids, labels, rows)
     names = [[items[i].example.dialogue_id for i in row] for row in rows]
+    # The session of each trained turn, in order (-1 where the data has none): per-session perplexity.
+    sessions = [[m.get("session", -1) for i in row for m in items[i].example.messages if m["train"]] for row in rows]
     table = table.append_column("dialogue_ids", pa.array(names, type=pa.list_(pa.string())))
+    table = table.append_column("turn_sessions", pa.array(sessions, type=pa.list_(pa.int32())))
     # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
     if table.num_rows:
         datasets.Dataset(table).save_to_disk(str(directory))

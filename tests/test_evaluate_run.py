@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -101,3 +102,26 @@ def test_train_evaluates_at_the_end_when_asked(tiny_model_dir, tmp_path):
     assert summary["eval_report"]["metrics"]["perplexity"] > 1
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["samples"] == 3 and report["task"] == "respond"
+
+
+def test_multi_session_data_gets_perplexity_per_session(tiny_model_dir, tmp_path):
+    data = {
+        f"d{i}": [{"dial_id": f"d{i}", "turn_id": t, "text": text, "role": "bot_0" if t % 2 == 0 else "bot_1",
+                   "session": 1 + t // 4}
+                  for t, text in enumerate(["Hi there.", "Hello, how are you?", "Fine thanks.", "Good to hear.",
+                                            "Back again!", "Welcome back.", "How was the trip?", "It was great."])]
+        for i in range(8)
+    }
+    path = tmp_path / "msc.json"
+    path.write_text(json.dumps(data))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": str(path), "format": "msc"}, "task": {"as": "B"},
+                                      "split": {"validation": 0.5}}))
+    report = evaluate(str(tiny_model_dir), str(config), "respond", out=tmp_path / "ev", quiet=True,
+                      sampling=eval_run.Sampling(temperature=0, max_new_tokens=3))
+    per_session = report["metrics_per_session"]
+    assert sorted(per_session) == ["1", "2"]
+    assert sum(s["tokens"] for s in per_session.values()) == report["trained_tokens"]
+    overall = report["metrics"]["loss"]
+    weighted = sum(math.log(s["perplexity"]) * s["tokens"] for s in per_session.values()) / report["trained_tokens"]
+    assert weighted == pytest.approx(overall, abs=1e-3)

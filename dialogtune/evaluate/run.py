@@ -69,24 +69,41 @@ def chat_info(chat: ChatModel) -> dict:
     return json.loads((final / "dialogtune.json").read_text()) if final else {}
 
 
-def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> tuple[float, int]:
+def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> tuple[float, int, dict]:
+    """Summed loss and count over the split's trained tokens, overall and per session (for
+    multi-session data: each trained turn's tokens count towards its session)."""
     import datasets
 
     from dialogtune.train.collate import CausalCollator
-    from dialogtune.train.loss import trained_loss
+    from dialogtune.train.loss import token_losses
 
     rows = datasets.load_from_disk(str(split_dir))
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     collate = CausalCollator(chat.tokenizer.pad_token_id or chat.tokenizer.eos_token_id or 0)
     total, count = 0.0, 0
+    sessions: dict[int, list[float]] = {}
     with torch.no_grad():
         for begin in range(0, len(rows), 8):
-            batch = {k: v.to(chat.model.device) for k, v in collate(list(rows.select(
-                range(begin, min(begin + 8, len(rows)))))).items()}
-            loss, n = trained_loss(chat.model, batch)
-            total, count = total + float(loss), count + int(n)
-    return total, count
+            records = list(rows.select(range(begin, min(begin + 8, len(rows)))))
+            batch = {k: v.to(chat.model.device) for k, v in collate(records).items()}
+            losses, keep = token_losses(chat.model, batch)
+            total, count = total + float(losses.sum()), count + int(keep.sum())
+            per_row = losses.split(keep.sum(dim=1).tolist())
+            for record, row_keep, row_losses in zip(records, keep, per_row, strict=True):
+                # Runs of consecutive trained positions are the trained turns, in order.
+                starts = (row_keep.int().diff(prepend=torch.zeros(1, dtype=torch.int32, device=row_keep.device)) == 1)
+                turn_of_token = starts.cumsum(0)[row_keep] - 1
+                turn_sessions = record.get("turn_sessions") or []
+                if len(turn_sessions) != int(starts.sum()):
+                    continue  # turns that touch (no untrained token between): no per-session split
+                for turn, session in enumerate(turn_sessions):
+                    if session >= 0:
+                        mine = row_losses[turn_of_token == turn]
+                        entry = sessions.setdefault(session, [0.0, 0])
+                        entry[0] += float(mine.sum())
+                        entry[1] += int(mine.numel())
+    return total, count, sessions
 
 
 def sample_key(index: int, prompt: list[int], reference: str) -> str:
@@ -132,8 +149,11 @@ def evaluate(model: str, data: str | dict, task: str | None = None, split: str =
             if not quiet:
                 print(f"eval: {len(done)} of {len(keys)} samples", flush=True)
     results = [done[key] for key in keys]
-    total, count = trained_token_loss(chat, prepared / split, limit)
+    total, count, sessions = trained_token_loss(chat, prepared / split, limit)
     report = build_report(model, task, results, total, count, prepared, sampling, time.perf_counter() - started)
+    if sessions:
+        report["metrics_per_session"] = {str(s): {"perplexity": round(metrics.perplexity(loss, n), 4), "tokens": n}
+                                         for s, (loss, n) in sorted(sessions.items())}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report, results))
     if not quiet:

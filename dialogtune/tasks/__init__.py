@@ -26,8 +26,11 @@ class Example:
         return out
 
 
-def message(role: str, content: str, name: str | None = None, train: bool = False) -> dict[str, Any]:
+def message(role: str, content: str, name: str | None = None, train: bool = False,
+            session: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": content, "train": train}
     if name:
         out["name"] = name
+    if session is not None:  # multi-session chat: evaluation reports perplexity per session
+        out["session"] = session
     return out

@@ -45,6 +45,7 @@ def respond(
             "assistant" if (every and turn.speaker is not None) or turn.speaker in targets else "user",
             turn.text,
             name=turn.speaker,
+            session=turn.session,
         )
         for turn in dialogue.turns
     ]

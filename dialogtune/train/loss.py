@@ -31,13 +31,21 @@ def trained_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     core = core_model(model)
     if needs_full_logits(core):
         return full_logits_loss(model, batch)
+    losses, keep = token_losses(model, batch)
+    return losses.sum(), keep.sum()
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trained token's loss (in row order) and where they are: a mask over the shifted
+    labels, shape (batch, length - 1). Causal LMs only."""
+    core = core_model(model)
     backbone = getattr(core, core.base_model_prefix)
     hidden = backbone(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                       attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = core.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    return F.cross_entropy(logits, targets[keep], reduction="none"), keep
 
 
 def full_logits_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
