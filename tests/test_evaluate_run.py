@@ -125,3 +125,12 @@ def test_multi_session_data_gets_perplexity_per_session(tiny_model_dir, tmp_path
     overall = report["metrics"]["loss"]
     weighted = sum(math.log(s["perplexity"]) * s["tokens"] for s in per_session.values()) / report["trained_tokens"]
     assert weighted == pytest.approx(overall, abs=1e-3)
+
+
+def test_the_task_comes_from_the_job_config_when_not_given(tiny_model_dir, summaries, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": str(summaries)}, "task": {"name": "summarize"},
+                                      "split": {"validation": 0.5}}))
+    report = evaluate(str(tiny_model_dir), str(config), out=tmp_path / "ev", quiet=True,
+                      sampling=eval_run.Sampling(temperature=0, max_new_tokens=3))
+    assert report["task"] == "summarize" and "rouge1" in report["metrics"]

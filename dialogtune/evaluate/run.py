@@ -106,6 +106,16 @@ def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> t
     return total, count, sessions
 
 
+def task_of(data: str | dict) -> str | None:
+    """The task a job config names, if the data is one."""
+    if isinstance(data, str):
+        if Path(data).suffix not in (".yaml", ".yml"):
+            return None
+        data = load_yaml(Path(data))
+    task = data.get("task")
+    return task.get("name") if isinstance(task, dict) else None
+
+
 def sample_key(index: int, prompt: list[int], reference: str) -> str:
     """What a finished prediction is valid for: this sample, at this place, with this prompt."""
     return hashlib.sha1(json.dumps([index, prompt, reference]).encode()).hexdigest()[:16]
@@ -115,7 +125,7 @@ def evaluate(model: str, data: str | dict, task: str | None = None, split: str =
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
              quiet: bool = False) -> dict[str, Any]:
     chat = load_chat_model(model)
-    task = task or chat_info(chat).get("task") or "respond"
+    task = task or task_of(data) or chat_info(chat).get("task") or "respond"
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
