@@ -42,6 +42,8 @@ from dialogtune.templates import ChatTemplate, resolve_template
 from dialogtune.tokenize import ExampleEncoder, Tokenized, TokenizeStats
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
+# Part of the fingerprint: raise it whenever what `prepare` writes changes, so old caches are redone.
+OUTPUT_FORMAT = 2  # 2: rows carry turn_sessions
 UNUSED = "unused"  # a reject stage for records that are fine but hold nothing to learn (--strict ignores them)
 _PARTICULARS = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
 SPLITS = ("train", "validation")
@@ -69,7 +71,7 @@ def _data_files(paths: list[str]) -> list[Path]:
 def fingerprint(config: PrepareConfig, tokenizer, template: ChatTemplate) -> str:
     digest = hashlib.sha256()
     settings = config.model_dump(mode="json", by_alias=True, exclude={"output", "strict"})
-    digest.update(json.dumps([dialogtune.__version__, settings], sort_keys=True).encode())
+    digest.update(json.dumps([dialogtune.__version__, OUTPUT_FORMAT, settings], sort_keys=True).encode())
     digest.update(tokenizer_hash(tokenizer).encode())
     digest.update(json.dumps([template.name, template.source, template.end_of_turn]).encode())
     for file in _data_files(config.data.path):
