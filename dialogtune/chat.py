@@ -81,9 +81,7 @@ def run_chat(args) -> int:
     chat = load_chat_model(args.model, load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
     if args.speaker_as:
         chat.speakers_as = [args.speaker_as]
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = Sampling.from_args(args)
     conversation = Conversation(chat, system_prompt=args.system or chat.system_prompt, user_name=args.user,
                                 reuse_cache=not args.no_cache)
     bot = chat.assistant_name

@@ -154,9 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dialogtune.evaluate.run import compare, evaluate
     from dialogtune.infer import Sampling
 
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = Sampling.from_args(args)
     options = {"split": args.split, "limit": args.limit, "sampling": sampling, "batch_size": args.batch_size}
     if args.compare:
         compare(args.compare, args.data, args.task, Path(args.output or "eval-compare"), **options)

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dialogtune.infer import ChatModel, Sampling, iter_jsonl, load_chat_model
+from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers import DataError
+from dialogtune.readers._io import iter_jsonl
 
 
 def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[list[int]]]:
     records, prompts = [], []
-    for number, record in enumerate(iter_jsonl(path), 1):
+    for number, record, error in iter_jsonl(path):
+        if error:
+            raise DataError(f"{path}:{number}: {error}")
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{path}:{number}: expected a non-empty list field 'messages'")
@@ -104,9 +107,7 @@ def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampli
 
 def run_generate(args) -> int:
     chat = load_chat_model(args.model)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = Sampling.from_args(args)
     source = Path(args.input)
     if source.is_dir():
         records, prompts = prompts_from_prepared(chat, source, args.split)

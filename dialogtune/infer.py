@@ -8,7 +8,7 @@ a chat only processes the new tokens (time to first token does not grow with the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,13 @@ class Sampling:
     no_repeat_ngram_size: int = 0
     max_new_tokens: int = 128
     seed: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> Sampling:
+        """From the sampling flags the chat, generate and eval commands share."""
+        return cls(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                   max_new_tokens=args.max_new_tokens, seed=args.seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
@@ -53,6 +60,8 @@ class ChatModel:
     system_prompt: str | None
     context_length: int
     name: str
+    location: str  # where the tokenizer (with the training template) and model were loaded from
+    info: dict = field(default_factory=dict)  # the run's dialogtune.json; empty for a plain model
     _criteria: dict = field(default_factory=dict)
 
     @property
@@ -124,7 +133,7 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
         model=model, tokenizer=tokenizer, template=template, template_name=info.get("template", "model"),
         end_of_turn=end_of_turn, stop_strings=info.get("stop_strings", [end_of_turn]),
         speakers_as=info.get("speakers_as", ["assistant"]), system_prompt=info.get("system_prompt"),
-        context_length=int(context), name=name,
+        context_length=int(context), name=name, location=location, info=info,
     )
 
 
@@ -316,9 +325,3 @@ class _PieceStreamer:
             self.callback(text[self.printed :])
         self.printed = len(text)
 
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)

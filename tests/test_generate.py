@@ -52,6 +52,10 @@ def test_bad_input_is_named(tiny_run, tmp_path, capsys):
     assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "bad.jsonl"),
                  "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "bad.jsonl:1: expected a non-empty list field 'messages'" in capsys.readouterr().err
+    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "broken.jsonl"),
+                 "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "broken.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
 def test_cut_at_stops():

@@ -25,22 +25,17 @@ import torch
 from dialogtune.config import build_config, load_yaml
 from dialogtune.evaluate import metrics
 from dialogtune.generate import generate_replies, prompts_from_prepared
-from dialogtune.infer import ChatModel, Sampling, find_final, load_chat_model
+from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.prepare import prepare
 from dialogtune.readers import DataError
 
 MAIN_METRICS = {"summarize": ["rouge1", "rouge2", "rougeL"], "respond": ["bleu", "rougeL", "distinct2"]}
 
 
-def tokenizer_location(chat: ChatModel) -> str:
-    final = find_final(Path(chat.name)) if Path(chat.name).exists() else None
-    return str(final) if final else chat.name
-
-
 def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
     """Prepare the evaluation data with the model's own tokenizer and training template.
     `data` is a job YAML, a data file, or (from `train`) a job config as a dict."""
-    info = chat_info(chat)
+    info = chat.info
     source = Path(data) if isinstance(data, str) else Path("config")
     if isinstance(data, dict):
         raw = {k: v for k, v in data.items() if k != "output"}
@@ -57,16 +52,11 @@ def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, o
         raw["task"].setdefault("as", [s for s in chat.speakers_as if s] or ["assistant"])
     elif info.get("instruction"):
         raw["task"]["instruction"] = info["instruction"]
-    raw.update(model={"name": tokenizer_location(chat)}, output=str(out / "prepared"), pack=False,
+    raw.update(model={"name": chat.location}, output=str(out / "prepared"), pack=False,
                template={"name": "model", "end_of_turn": chat.end_of_turn},
                max_length=info.get("max_length") or raw.get("max_length", 1024))
     config = build_config({k: v for k, v in raw.items()}, str(source))
     return prepare(config, quiet=True).directory, split_name
-
-
-def chat_info(chat: ChatModel) -> dict:
-    final = find_final(Path(chat.name)) if Path(chat.name).exists() else None
-    return json.loads((final / "dialogtune.json").read_text()) if final else {}
 
 
 def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> tuple[float, int, dict]:
@@ -125,7 +115,7 @@ def evaluate(model: str, data: str | dict, task: str | None = None, split: str =
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
              quiet: bool = False) -> dict[str, Any]:
     chat = load_chat_model(model)
-    task = task or task_of(data) or chat_info(chat).get("task") or "respond"
+    task = task or task_of(data) or chat.info.get("task") or "respond"
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
