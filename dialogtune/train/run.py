@@ -171,7 +171,8 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     from dialogtune.train.export import save_final
 
     final = save_final(trainer.model, tokenizer, manifest, config, run)
-    samples = sample_replies(trainer.model, tokenizer, eval_set or train_set, manifest, config.samples)
+    samples = sample_replies(trainer.model, tokenizer, manifest, prepared.directory,
+                             "validation" if eval_set is not None else "train", config.samples, final)
     seconds = time.perf_counter() - started
     runtime = max(output.metrics.get("train_runtime", seconds), 1e-9)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
@@ -208,28 +209,31 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def sample_replies(model, tokenizer, dataset, manifest: dict, count: int) -> list[dict[str, str]]:
-    """Greedy replies to the first `count` prompts of a split: the context up to a trained turn."""
-    end_of_turn = manifest["template"]["end_of_turn"]
-    out = []
+def sample_replies(model, tokenizer, manifest: dict, prepared: Path, split: str, count: int,
+                   final: Path) -> list[dict[str, str]]:
+    """Greedy replies to the first `count` trained turns of a split, through the same path as
+    `dialogtune generate` (the training template, roles and stop strings)."""
+    from dialogtune.generate import generate_replies, prompts_from_prepared
+    from dialogtune.infer import ChatModel, Sampling
+
+    if count == 0:
+        return []
+    chat = ChatModel(model=model, tokenizer=tokenizer, template=manifest["template"]["source"],
+                     template_name=manifest["template"]["name"], end_of_turn=manifest["template"]["end_of_turn"],
+                     stop_strings=manifest["stop_strings"], speakers_as=manifest["speakers_as"], system_prompt=None,
+                     context_length=manifest["max_length"], name=str(final), location=str(final))
     model.eval()
-    for row in dataset.select(range(min(count, len(dataset)))):
-        labels = row["labels"]
-        first = next((i for i, label in enumerate(labels) if label != -100), None)
-        if first is None:
-            continue
-        prompt = torch.tensor([row["input_ids"][:first]], device=model.device)
-        with torch.no_grad():
-            generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
-                                       do_sample=False, pad_token_id=manifest["tokenizer"]["pad_token_id"])
-        reply = tokenizer.decode(generated[0, prompt.shape[1]:].tolist(), skip_special_tokens=False)
-        reply = reply.split(end_of_turn)[0].replace(tokenizer.eos_token or "\0", "").strip()
-        expected = tokenizer.decode(row["input_ids"][first : first + 64]).split(end_of_turn)[0].strip()
+    records, prompts = prompts_from_prepared(chat, prepared, split)
+    replies = generate_replies(chat, prompts[:count], Sampling(temperature=0, max_new_tokens=48), quiet=True)
+    out = []
+    for record, (reply, _) in zip(records, replies, strict=False):
         # The line before the reply's header (e.g. "assistant") is, in most templates, the user's turn.
-        lines = [line for line in tokenizer.decode(row["input_ids"][:first], skip_special_tokens=True).splitlines()
-                 if line.strip()]
+        text = record["context"]
+        for special in tokenizer.all_special_tokens:
+            text = text.replace(special, "\n")
+        lines = [line for line in text.splitlines() if line.strip()]
         context = lines[-2] if len(lines) > 1 else (lines[-1] if lines else "")
-        out.append({"context": context.strip(), "reply": reply, "reference": expected})
+        out.append({"context": context.strip(), "reply": reply, "reference": record["reference"]})
     return out
 
 
