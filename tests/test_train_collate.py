@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dialogtune.train.collate import CausalCollator, Seq2SeqCollator, Seq2SeqRowError
 
@@ -27,3 +28,13 @@ def test_seq2seq_splits_context_from_the_trained_reply():
 def test_seq2seq_refuses_rows_with_several_trained_turns():
     with pytest.raises(Seq2SeqRowError, match=r"one trained reply at the end .* context: \{rounds: N\}"):
         Seq2SeqCollator(0)([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4]}])
+
+
+def test_flattened_batch_is_one_row_without_padding():
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
+            {"input_ids": [4, 5], "labels": [-100, 5], "position_ids": [0, 1]}]
+    batch = CausalCollator(pad_token_id=9, flatten=True)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert all(t.dtype == torch.long for t in batch.values())

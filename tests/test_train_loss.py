@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dialogtune.train.collate import CausalCollator
@@ -56,3 +57,35 @@ def test_collator_pads_as_a_separate_sequence_without_mask():
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert batch["labels"][1, 4:].tolist() == [-100] * 4
     assert batch["input_ids"][1, 4:].tolist() == [0] * 4
+
+
+def test_fused_chunked_head_equals_cross_entropy_in_value_and_gradients(monkeypatch):
+    from dialogtune.train import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 97 * 3)  # 3 positions a chunk: 4 chunks for 11
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (11,))
+    fused = loss_module.LinearCrossEntropy.apply(hidden, weight, targets)
+    (fused * 0.5).backward()  # a scale from outside (1 / trained tokens) reaches both gradients
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (reference * 0.5).backward()
+    assert abs(fused.item() - reference.item()) < 1e-4
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_computes_only_the_gradients_asked_for():
+    from dialogtune.train.loss import LinearCrossEntropy
+
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(13, 8)  # frozen, as under LoRA
+    LinearCrossEntropy.apply(hidden, weight, torch.randint(0, 13, (5,))).backward()
+    assert hidden.grad is not None and weight.grad is None
+    with torch.no_grad():
+        value = LinearCrossEntropy.apply(hidden, weight, torch.tensor([1, 2, 3, 4, 5]))
+    assert value.item() == pytest.approx(torch.nn.functional.cross_entropy(hidden @ weight.T, torch.tensor([1, 2, 3, 4, 5]),
+                                                                            reduction="sum").item(), rel=1e-6)

@@ -1,8 +1,16 @@
 """Batches from prepared rows.
 
-Causal LMs: rows are padded to the longest in the batch; pads get label -100 and positions
-restarting at 0, and there is no attention mask. transformers builds a block-diagonal causal
-mask from `position_ids`, so packed examples (and the padding) never attend to each other.
+Causal LMs, `flatten=True` (the default whenever the model takes segment attention, see
+attention.py): the batch's rows are laid end to end as one row with no padding at all;
+`position_ids` restart at 0 for every example, and attention runs within each example.
+
+Causal LMs, `flatten=False`: rows are padded to the longest in the batch; pads get label -100
+and positions restarting at 0, and there is no attention mask. transformers builds a
+block-diagonal causal mask from `position_ids`, so packed examples (and the padding) never
+attend to each other.
+
+Either way the first label of every example is -100 (tokenize.py), so the shift in the loss
+never makes one example predict the next.
 
 Encoder-decoder models (BART, T5): each row must be one example whose trained tokens are its
 end (a reply after its context, as `context: {rounds: N}` or `summarize` make): the context is
@@ -22,8 +30,12 @@ IGNORE_INDEX = -100
 @dataclass
 class CausalCollator:
     pad_token_id: int
+    flatten: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            return {key: torch.from_numpy(np.concatenate([np.asarray(r[key], dtype=np.int64) for r in rows]))[None]
+                    for key in ("input_ids", "labels", "position_ids")}
         width = max(len(r["input_ids"]) for r in rows)
         ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)

@@ -5,6 +5,10 @@ backbone runs on every position, but the LM head and cross-entropy run only wher
 (shifted) label is not -100: on SmolLM2 the 49k-vocabulary head is about a fifth of the
 forward FLOPs, and most positions are untrained. Returns the summed loss and the number of
 trained tokens, so gradient accumulation can normalise by the tokens of the whole step.
+
+The head and the cross-entropy are fused and chunked (`LinearCrossEntropy`): each chunk's
+logits are turned into the loss and straight into their gradients, so the (trained positions x
+vocabulary) logits are never held and the backward is one multiplication.
 """
 
 from __future__ import annotations
@@ -26,26 +30,80 @@ def needs_full_logits(core) -> bool:
     return core.config.is_encoder_decoder or any(getattr(core.config, a, None) for a in _LOGIT_TRANSFORMS)
 
 
+# Positions x vocabulary per chunk: 64M fp32 logits (256 MB) at a time, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 26
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)), with the gradients of hidden and weight
+    formed chunk by chunk in the forward (softmax minus one-hot, times weight or hidden)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            part, wanted = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (part @ weight.T).float()
+            norm = torch.logsumexp(logits, dim=-1)
+            total += (norm - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                probs = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(wanted), device=probs.device), wanted] -= 1.0
+                probs = probs.to(weight.dtype)
+                if want_hidden:
+                    grad_hidden[start : start + chunk] = probs @ weight
+                if want_weight:
+                    grad_weight += (probs.T @ part).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None, None)
+
+
+def _fusable_head(core):
+    """The output layer's weight when it is a plain linear map (no bias, no adapter, no quantisation)."""
+    head = core.get_output_embeddings()
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+
+
 def trained_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, number of trained tokens) for a batch from the collators."""
     core = core_model(model)
     if needs_full_logits(core):
         return full_logits_loss(model, batch)
-    losses, keep = token_losses(model, batch)
-    return losses.sum(), keep.sum()
+    hidden, targets, keep = _trained_hidden(core, batch)
+    weight = _fusable_head(core)
+    if weight is None:
+        logits = core.get_output_embeddings()(hidden).float()
+        return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()
+    return LinearCrossEntropy.apply(hidden, weight, targets), keep.sum()
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each trained token's loss (in row order) and where they are: a mask over the shifted
-    labels, shape (batch, length - 1). Causal LMs only."""
-    core = core_model(model)
+def _trained_hidden(core, batch: dict[str, torch.Tensor]):
+    """The last hidden states that predict a trained label, those labels, and the mask."""
     backbone = getattr(core, core.base_model_prefix)
     hidden = backbone(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                       attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = core.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="none"), keep
+    return hidden[:, :-1][keep], targets[keep], keep
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trained token's loss (in row order) and where they are: a mask over the shifted
+    labels, shape (batch, length - 1). Causal LMs only."""
+    hidden, targets, keep = _trained_hidden(core_model(model), batch)
+    logits = core_model(model).get_output_embeddings()(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="none"), keep
 
 
 def full_logits_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

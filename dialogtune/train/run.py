@@ -28,7 +28,10 @@ from dialogtune.config import ConfigError, TrainJobConfig
 from dialogtune.models import load_tokenizer
 from dialogtune.prepare import load_manifest, prepare, tokenizer_hash
 from dialogtune.readers import DataError
+from dialogtune.train.attention import restore_attention, use_segment_attention
 from dialogtune.train.collate import CausalCollator, Seq2SeqCollator
+from dialogtune.train.loss import core_model
+from dialogtune.train.malloc import keep_freed_memory
 from dialogtune.train.model import TrainSetupError, load_model, pick_precision
 from dialogtune.train.report import MetricsWriter, read_metrics
 from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
@@ -140,7 +143,11 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     seq2seq = model.config.is_encoder_decoder
     if seq2seq and manifest["pack"]:
         raise TrainSetupError("an encoder-decoder model cannot train on packed rows; prepare with pack: false")
-    collator = Seq2SeqCollator(pad) if seq2seq else CausalCollator(pad)
+    # Padding-free batches with attention inside each example, where the model passes the check.
+    segments = not seq2seq and use_segment_attention(core_model(model))
+    collator = Seq2SeqCollator(pad) if seq2seq else CausalCollator(pad, flatten=segments)
+    if not torch.cuda.is_available():
+        keep_freed_memory()
 
     run.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
@@ -166,6 +173,7 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
         return {"interrupted": trainer.stop_requested, "step": trainer.state.global_step,
                 "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    restore_attention(core_model(trainer.model))  # generation and export use the standard attention
     if not state.is_main_process:  # the other processes are done: saving and reporting is rank 0's
         return {"steps": trainer.state.global_step}
     from dialogtune.train.export import save_final
@@ -178,11 +186,12 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     summary = {
         "run_dir": str(run), "final": str(final), "steps": trainer.state.global_step, "seconds": round(seconds, 1),
-        "train_seconds": round(runtime, 1), "tokens_per_s": round(trainer.tokens_seen / runtime, 1),
+        "train_seconds": round(runtime, 1), "tokens": trainer.tokens_seen,
+        "trained_tokens": trainer.trained_tokens_seen, "tokens_per_s": round(trainer.tokens_seen / runtime, 1),
         "trained_tokens_per_s": round(trainer.trained_tokens_seen / runtime, 1),
         "peak_memory_mb": peak_memory_mb(), "train_loss_last": losses[-1] if losses else None,
         "eval_loss_before": before, "eval_loss_after": after, "skipped_steps": trainer.bad_steps,
-        "precision": precision, "samples": samples,
+        "precision": precision, "segment_attention": segments, "samples": samples,
     }
     if config.eval.report and eval_set is not None:
         from dialogtune.evaluate.run import evaluate
