@@ -68,11 +68,11 @@ def _data_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def fingerprint(config: PrepareConfig, tokenizer, template: ChatTemplate) -> str:
+def fingerprint(config: PrepareConfig, tokenizer_id: str, template: ChatTemplate) -> str:
     digest = hashlib.sha256()
     settings = config.model_dump(mode="json", by_alias=True, exclude={"output", "strict"})
     digest.update(json.dumps([dialogtune.__version__, OUTPUT_FORMAT, settings], sort_keys=True).encode())
-    digest.update(tokenizer_hash(tokenizer).encode())
+    digest.update(tokenizer_id.encode())
     digest.update(json.dumps([template.name, template.source, template.end_of_turn]).encode())
     for file in _data_files(config.data.path):
         digest.update(str(file).encode())
@@ -130,7 +130,9 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     import datasets  # noqa: F401  (a second of imports, pandas included: not preparation work)
 
     started = time.perf_counter()  # preparation proper: loading libraries and the tokenizer is not part of it
-    key = fingerprint(config, tokenizer, template)
+    # Serialising the tokenizer to hash it takes about as long as tokenizing 256 dialogues: once.
+    tokenizer_id = tokenizer_hash(tokenizer)
+    key = fingerprint(config, tokenizer_id, template)
     previous = out / "prepare.json"
     cached = previous.exists() and (out / "stats.json").exists()
     if not force and cached and json.loads(previous.read_text()).get("fingerprint") == key:
@@ -223,7 +225,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
             for reject in rejects:
                 fh.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
-        write_json(staging / "prepare.json", manifest(config, tokenizer, template, key, speakers))
+        write_json(staging / "prepare.json", manifest(config, tokenizer, tokenizer_id, template, key, speakers))
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -290,7 +292,8 @@ def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, spli
     }
 
 
-def manifest(config: PrepareConfig, tokenizer, template: ChatTemplate, key: str, speakers: Counter) -> dict:
+def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: ChatTemplate, key: str,
+             speakers: Counter) -> dict:
     """What training and inference need to reproduce this preparation exactly."""
     pad = tokenizer.pad_token_id
     pad_note = None
@@ -309,7 +312,7 @@ def manifest(config: PrepareConfig, tokenizer, template: ChatTemplate, key: str,
         "model": config.model.name,
         "tokenizer": {
             "name_or_path": tokenizer.name_or_path,
-            "hash": tokenizer_hash(tokenizer),
+            "hash": tokenizer_id,
             "vocab_size": len(tokenizer),
             "pad_token_id": pad,
             "pad_note": pad_note,

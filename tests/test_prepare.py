@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from dialogtune.config import ConfigError, build_config
-from dialogtune.prepare import StrictError, prepare
+from dialogtune.prepare import StrictError, prepare, tokenizer_hash
 from dialogtune.readers import DataError
 from dialogtune.tokenize import IGNORE_INDEX
 
@@ -68,6 +68,7 @@ def test_prepare_writes_dataset_stats_rejects_and_manifest(tmp_path, tiny_model_
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert manifest["tokenizer"]["hash"] == tokenizer_hash(tokenizer)  # what train checks its tokenizer against
     row = train[0]
     ids = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     lines = [line.strip() for line in tokenizer.decode(ids).strip().split("\n")]
