@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from dialogtune.train.attention import ATTENTION, restore_attention, segment_spans, use_segment_attention
+from dialogtune.train.attention import (
+    ATTENTION,
+    restore_attention,
+    segment_attention,
+    segment_spans,
+    use_segment_attention,
+)
 from dialogtune.train.collate import CausalCollator
 from dialogtune.train.loss import trained_loss
 
@@ -16,6 +22,7 @@ def _tiny(kind: str = "llama", **extra):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[kind]
     return model_class(config_class(**common)).float()
 
@@ -40,17 +47,18 @@ def test_spans_are_runs_of_consecutive_positions():
     assert segment_spans(torch.tensor([4, 5, 0])) == [(0, 2), (2, 3)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_flattened_batch_loss_and_gradients_equal_the_padded_masked_path(kind):
+# A sliding window of 6 tokens: shorter than most of the examples, longer than the probe's first.
+@pytest.mark.parametrize(("kind", "extra"), [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6})])
+def test_flattened_batch_loss_and_gradients_equal_the_padded_masked_path(kind, extra):
     from peft import LoraConfig, get_peft_model
 
     rows = _rows()
-    reference = get_peft_model(_tiny(kind), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    reference = get_peft_model(_tiny(kind, **extra), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     padded = CausalCollator(pad_token_id=0)(rows)
     loss_ref, count_ref = trained_loss(reference, padded)
     loss_ref.backward()
 
-    model = get_peft_model(_tiny(kind), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(_tiny(kind, **extra), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.load_state_dict(reference.state_dict())
     assert use_segment_attention(model.get_base_model())
     assert model.config._attn_implementation == ATTENTION
@@ -81,12 +89,16 @@ def test_examples_do_not_see_each_other():
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-5)
 
 
-def test_a_model_with_more_than_a_causal_mask_keeps_sdpa():
-    # A sliding window of 2 tokens: the probe's examples (5 and 7 tokens) see a different past with
-    # plain causal attention, so the check refuses and the model is left as it was.
-    model = _tiny("mistral", sliding_window=2)
+def test_a_model_with_more_than_a_causal_softmax_keeps_its_attention():
+    # Gemma-2 soft-caps its attention logits, which segment attention does not do: it refuses, and
+    # the model is left as it was.
+    model = _tiny("gemma2", head_dim=16, attn_logit_softcapping=5.0, sliding_window=4)
+    previous = model.config._attn_implementation
     assert not use_segment_attention(model)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == previous
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="soft-capping"):
+        segment_attention(model.model.layers[0].self_attn, q, q, q, None, softcap=5.0)
 
 
 def test_encoder_decoder_models_keep_their_attention():
@@ -135,3 +147,18 @@ def test_long_examples_in_query_blocks_equal_one_causal_attention(monkeypatch):
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
     for got, t in zip(grads, (query, key, value), strict=True):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_window_in_query_blocks_equals_a_windowed_mask(monkeypatch):
+    from dialogtune.train import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 11, 8) for _ in range(3))
+    i, j = torch.arange(11).unsqueeze(1), torch.arange(11).unsqueeze(0)
+    window = 3  # a query sees itself and the two keys before it
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=(j <= i) & (j > i - window))
+    torch.testing.assert_close(attention._causal(query, key, value, None, 0.0, window), expected, rtol=1e-5, atol=1e-6)
+    # A window longer than the example is plain causal attention.
+    torch.testing.assert_close(attention._causal(query, key, value, None, 0.0, 11),
+                               attention._causal(query, key, value, None, 0.0), rtol=1e-6, atol=1e-7)

@@ -7,11 +7,11 @@ masked or not: for four rows of 512 flattened into ~2,000 tokens that is about 4
 attention work of the rows kept apart, and padding the rows instead wastes the matmuls.
 
 `segment_attention` finds the examples from the positions and runs causal SDPA on each:
-the attention work is the sum of each example's own triangle, and no token is padding. It
-is registered with transformers' AttentionInterface under ATTENTION and switched on only for
+the attention work is the sum of each example's own triangle, and no token is padding.
+Sliding windows (Mistral, Qwen2's sliding layers) are honoured. It is registered with transformers' AttentionInterface under ATTENTION and switched on only for
 training. Before it is used, `use_segment_attention` checks on the model itself that a
 packed row gives the same logits as its examples run alone, so a model whose attention has
-anything more than a causal mask (sliding windows, sinks, soft-capping) keeps SDPA.
+anything more than a (windowed) causal mask (sinks, soft-capping, ...) keeps SDPA.
 """
 
 from __future__ import annotations
@@ -37,31 +37,41 @@ def segment_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 QUERY_BLOCK = 128
 
 
-def _causal(query, key, value, scaling, dropout) -> torch.Tensor:
-    """Causal attention of one example, (1, heads, length, dim), in query blocks."""
+def _causal(query, key, value, scaling, dropout, window: int | None = None) -> torch.Tensor:
+    """Causal attention of one example, (1, heads, length, dim), in query blocks. With a sliding
+    `window`, a query sees itself and the window - 1 keys before it (transformers' convention)."""
     length = query.shape[2]
+    if window is not None and window >= length:
+        window = None  # every query's window reaches back past the example's start
     pieces = []
     for start in range(0, length, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, length)
-        if start == 0:
+        if start == 0 and window is None:
             pieces.append(F.scaled_dot_product_attention(query[:, :, :end], key[:, :, :end], value[:, :, :end],
                                                          dropout_p=dropout, is_causal=True, scale=scaling))
             continue
-        # Row i (the query at start + i) sees keys 0 .. start + i: a causal mask aligned bottom-right.
-        mask = torch.ones(end - start, end, dtype=torch.bool, device=query.device).tril(start)
-        pieces.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                                                     attn_mask=mask, dropout_p=dropout, scale=scaling))
+        first = 0 if window is None else max(0, start - window + 1)  # the earliest key this block sees
+        rows = torch.arange(start, end, device=query.device).unsqueeze(1)
+        cols = torch.arange(first, end, device=query.device).unsqueeze(0)
+        mask = cols <= rows  # a causal mask aligned bottom-right
+        if window is not None:
+            mask &= cols > rows - window
+        pieces.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, first:end],
+                                                     value[:, :, first:end], attn_mask=mask, dropout_p=dropout,
+                                                     scale=scaling))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      position_ids=None, **kwargs):
+                      position_ids=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
     """query (batch, heads, length, dim); key and value (batch, kv_heads, length, dim).
     Returns (batch, length, heads, dim) as transformers' attention functions do."""
     if attention_mask is not None:
         raise ValueError("segment attention takes examples from position_ids, not from an attention mask")
     if query.shape[2] != key.shape[2]:
         raise ValueError("segment attention is for training: the keys must be the queries' own tokens (no cache)")
+    if softcap is not None or s_aux is not None:  # the model's attention is more than a (windowed) causal softmax
+        raise ValueError("segment attention has no logit soft-capping or attention sinks")
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
     position_ids = position_ids.expand(query.shape[0], -1)
@@ -72,7 +82,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     rows = []
     for row in range(query.shape[0]):
         pieces = [_causal(query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
-                          value[row : row + 1, :, start:end], scaling, dropout)
+                          value[row : row + 1, :, start:end], scaling, dropout, sliding_window)
                   for start, end in segment_spans(position_ids[row])]
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     output = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
