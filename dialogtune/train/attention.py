@@ -9,9 +9,10 @@ attention work of the rows kept apart, and padding the rows instead wastes the m
 `segment_attention` finds the examples from the positions and runs causal SDPA on each:
 the attention work is the sum of each example's own triangle, and no token is padding.
 Sliding windows (Mistral, Qwen2's sliding layers) are honoured. It is registered with
-transformers' AttentionInterface under ATTENTION and switched on only for training. Before it is used, `use_segment_attention` checks on the model itself that a
-packed row gives the same logits as its examples run alone, so a model whose attention has
-anything more than a (windowed) causal mask (sinks, soft-capping, ...) keeps SDPA.
+transformers' AttentionInterface under ATTENTION and switched on only for training. Before
+it is used, `use_segment_attention` checks on the model itself that a packed row gives the
+same logits as its examples run alone, so a model whose attention has anything more than a
+(windowed) causal mask (sinks, soft-capping, ...) keeps its own attention.
 """
 
 from __future__ import annotations
