@@ -11,7 +11,9 @@ with its defaults: no packing, so a step is 4 dialogues as in TRL's unpacked run
 flattens them into one row without padding anyway).
 
 Every measurement runs in a fresh process, so peak memory is each run's own:
-- preparation: dialogues/s and tokens/s from the JSONL to a training-ready dataset;
+- preparation: dialogues/s and tokens/s from the JSONL to a training-ready dataset, on the
+  job's 256 dialogues and again on all the SGD train dialogues (3,001), where fixed costs
+  (hashing the tokenizer for the cache key, writing the dataset) no longer weigh;
 - training, for the same number of trained (assistant) tokens: wall time, tokens/s and trained
   tokens/s (steady state: the first step, which pays for warm-up, left out), padding, peak RSS;
 - the loss each trained adapter reaches on 32 held-out dialogues, computed here by one function
@@ -52,17 +54,16 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_pr
 # -- workers (each in its own process) ---------------------------------------------------
 def worker_data(args) -> dict:
     """The shared input: JSONL chat messages, and (with --tiny) a tiny random model."""
-    import itertools
-
     from dialogtune.dialogue import Dialogue
     from dialogtune.readers import sgd
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     wanted = args.dialogues + args.heldout
-    dialogues = [d for d in itertools.islice(sgd.read(Path(args.data)), wanted * 2) if isinstance(d, Dialogue)]
-    dialogues = dialogues[:wanted]
-    for name, part in (("train", dialogues[: args.dialogues]), ("heldout", dialogues[args.dialogues :])):
+    everything = [d for d in sgd.read(Path(args.data)) if isinstance(d, Dialogue)]
+    dialogues = everything[:wanted]
+    parts = (("train", dialogues[: args.dialogues]), ("heldout", dialogues[args.dialogues :]), ("scale", everything))
+    for name, part in parts:
         with open(work / f"{name}.jsonl", "w", encoding="utf-8") as out:
             for dialogue in part:
                 messages = [{"role": "user" if t.speaker == "USER" else "assistant", "content": t.text}
@@ -83,7 +84,8 @@ def worker_data(args) -> dict:
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         LlamaForCausalLM(config).save_pretrained(model)
         tokenizer.save_pretrained(model)
-    return {"train_dialogues": args.dialogues, "heldout_dialogues": len(dialogues) - args.dialogues, "model": model}
+    return {"train_dialogues": args.dialogues, "heldout_dialogues": len(dialogues) - args.dialogues,
+            "scale_dialogues": len(everything), "model": model}
 
 
 def worker_peak(args) -> dict:
@@ -133,7 +135,7 @@ def worker_dialogtune_prepare(args) -> dict:
 
     out = Path(args.work) / "dialogtune"
     started = time.perf_counter()
-    stats = prepare(build_config(job_config(args, out)), force=True, quiet=True).stats
+    stats = prepare(build_config(job_config(args, out, data=args.prepare_data)), force=True, quiet=True).stats
     return {"dialogues": stats["dialogues_read"], "tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
             "rows": stats["splits"]["train"]["rows"], "seconds": stats["seconds"],
             "dialogues_per_s": stats["dialogues_per_s"], "tokens_per_s": stats["tokens_per_s"],
@@ -257,6 +259,28 @@ def trl_run(args, mode: str, packing: str, budget: int) -> dict:
     return result
 
 
+def prepare_at_scale(args, data) -> dict:
+    """Preparation alone on all the SGD train dialogues: dialogtune, and TRL's whole-dialogue
+    preparation with and without packing (the out-of-the-box pairs are 6x slower still)."""
+    rows = []
+    ours = run_worker("dialogtune-prepare", args, prepare_data="scale")
+    rows.append({"name": "dialogtune", "label": "dialogtune", **{k: ours[k] for k in PREP_KEYS}})
+    for packing in ("bfd", "none"):
+        out = Path(args.work) / "trl" / f"scale-{packing}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run_json([sys.executable, str(ROOT / "benchmarks" / "trl_runner.py"), "--prepare-only", "--data",
+                  str(Path(args.work) / "scale.jsonl"), "--model", model_location(args), "--mode", "whole",
+                  "--packing", packing, "--max-length", str(args.max_length), "--out", str(out)],
+                 f"trl prepare at scale packing={packing}")
+        result = json.loads(out.read_text())
+        rows.append({"name": f"whole-{packing}", "label": f"TRL whole dialogues, {'bfd' if packing == 'bfd' else 'no'} packing",
+                     **{k: result[f"prepare_{k}"] for k in PREP_KEYS}})
+    return {"dialogues": data["scale_dialogues"], "rows": rows}
+
+
+PREP_KEYS = ("dialogues_per_s", "tokens_per_s", "seconds")
+
+
 def flops_per_token(model: str, context: float) -> tuple[float, float]:
     """Training FLOPs with a frozen base (LoRA), forward plus activation gradients: (per token
     for the layers: 2 x (2 x linear parameters + causal attention), per trained token for the
@@ -291,6 +315,7 @@ def main() -> None:
                         help="only redraw the table (and ratios) from the last results in benchmarks/results/")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--adapters", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-data", default="train", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
@@ -298,7 +323,7 @@ def main() -> None:
     if args.report:
         name = "compare_trl" + ("_tiny" if args.tiny else "")
         result = json.loads((RESULTS / f"{name}.json").read_text())
-        result["ratios"] = ratios_of(result["rows"])
+        result["ratios"] = ratios_of(result["rows"], result.get("prepare_at_scale"))
         print(save(result, name))
         return
 
@@ -312,6 +337,7 @@ def main() -> None:
     trl = {f"{m}-{p}": trl_run(args, m, p, budget) for m, p in runs}
     adapters = {"dialogtune": ours["adapter"], **{name: r["adapter"] for name, r in trl.items()}}
     heldout = run_worker("heldout", args, adapters=json.dumps(adapters))
+    scale = prepare_at_scale(args, data)
 
     context = ours_prep["tokens"] / max(ours_prep["rows"], 1) / 2  # mean causal context of a token
     per_token = flops_per_token(data["model"], context)
@@ -323,7 +349,7 @@ def main() -> None:
     for name, result in trl.items():
         prep = {k: result.get(f"prepare_{k}") for k in ("dialogues_per_s", "tokens_per_s", "seconds")}
         rows.append(row_of(name, labels[name], prep, result, heldout, per_token, peak))
-    report = write_report(args, data, peak, rows, heldout, trl, per_token, time.perf_counter() - started)
+    report = write_report(args, data, peak, rows, heldout, trl, per_token, scale, time.perf_counter() - started)
     print(report)
 
 
@@ -345,9 +371,10 @@ def row_of(name: str, label: str, prep: dict, run: dict, heldout: dict, per_toke
     }
 
 
-def ratios_of(rows: list[dict]) -> dict[str, float]:
+def ratios_of(rows: list[dict], scale: dict | None = None) -> dict[str, float]:
     """dialogtune over TRL's fastest run (the highest trained tokens/s), over its fastest
-    preparation and over its out-of-the-box run; and the held-out loss difference."""
+    preparation (on the job and at scale) and over its out-of-the-box run; and the held-out
+    loss difference."""
     ours, trl = rows[0], [r for r in rows[1:] if r["trained_tokens_per_s"]]
     ratios: dict[str, float] = {}
     if trl:
@@ -363,10 +390,14 @@ def ratios_of(rows: list[dict]) -> dict[str, float]:
     if pairs:
         ratios["trained_tokens_per_s_vs_trl_out_of_the_box"] = round(
             ours["trained_tokens_per_s"] / pairs["trained_tokens_per_s"], 2)
+    if scale:
+        fastest = max(scale["rows"][1:], key=lambda r: r["dialogues_per_s"])
+        ratios["prepare_at_scale_dialogues_per_s_vs_trl_fastest"] = round(
+            scale["rows"][0]["dialogues_per_s"] / fastest["dialogues_per_s"], 2)
     return ratios
 
 
-def write_report(args, data, peak, rows, heldout, trl, per_token, seconds) -> str:
+def write_report(args, data, peak, rows, heldout, trl, per_token, scale, seconds) -> str:
     import peft
     import torch
     import transformers
@@ -384,7 +415,8 @@ def write_report(args, data, peak, rows, heldout, trl, per_token, seconds) -> st
     command = "python benchmarks/compare_trl.py" + (" --tiny" if args.tiny else "") + (
         " --skip-pairs" if args.skip_pairs else "") + f" --trained-tokens {args.trained_tokens}"
     result = {"job": job_text(args, data), "command": command, "machine": machine, "rows": rows,
-              "ratios": ratios_of(rows), "flops_per_token": per_token, "heldout": heldout,
+              "prepare_at_scale": scale, "ratios": ratios_of(rows, scale), "flops_per_token": per_token,
+              "heldout": heldout,
               "seconds": round(seconds, 1),
               "trl_details": {k: {key: v.get(key) for key in ("template", "stock_template_error", "argv")}
                               for k, v in trl.items()}}
@@ -419,6 +451,12 @@ def render(result: dict) -> str:
             f"| {r['label']}{best} | {prep} | {r['tokens_per_s']:.0f} | {r['trained_tokens_per_s']:.1f} | {padding}"
             f" | {r['peak_rss_mb'] / 1024:.1f} GiB | {r['steps']} | {r['heldout_loss']} | {r['mfu']:.0%}"
             f" | {ratio(ours['trained_tokens_per_s'], r['trained_tokens_per_s'])} |")
+    scale = result.get("prepare_at_scale")
+    if scale:
+        lines += ["", f"Preparation alone on all {scale['dialogues']} SGD train dialogues:", "",
+                  "| preparation | dialogues/s | tokens/s | seconds | dialogtune ÷ this |", "|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['dialogues_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f}"
+                  f" | {ratio(scale['rows'][0]['dialogues_per_s'], r['dialogues_per_s'])} |" for r in scale["rows"]]
     summary = ", ".join(f"{k} {v}" + ("x" if "_vs_" in k else "") for k, v in ratios.items())
     head_everywhere = ", ".join(f"{r['name']} {r['mfu_head_everywhere']:.0%}" for r in rows)
     return (

@@ -158,21 +158,21 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             raise StrictError(f"{reject} (stopped: --strict)")
         rejects.append(reject)
 
-    # Tokenizing runs in a worker thread (Rust, no GIL) while this thread reads and renders the
-    # next batch; labelling a batch waits for its tokens.
+    # Tokenizing runs in a worker thread (Rust, no GIL) while this thread labels the previous
+    # batch and reads and renders the next.
     worker = ThreadPoolExecutor(max_workers=1)
     in_flight: list[tuple[list[Example], list, Future]] = []
 
-    def collect() -> None:
-        while in_flight:
+    def collect(keep: int = 0) -> None:
+        while len(in_flight) > keep:
             batch, rendered, future = in_flight.pop(0)
             tokenized.extend(encoder.label(batch, rendered, future.result(), tok_stats))
 
     def flush() -> None:
         kept, rendered = encoder.render_batch(pending, tok_stats)
-        collect()
         in_flight.append((kept, rendered, worker.submit(encoder.tokenize, rendered)))
         pending.clear()
+        collect(keep=1)  # label the previous batch while the worker tokenizes this one
 
     bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
     try:
@@ -217,7 +217,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
              for split in SPLITS}
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_parent(out)))
     try:
-        split_stats = {split: write_split(staging / split, items, config) for split, items in parts.items()}
+        split_stats = {split: write_split(staging / split, items, config, f"{key}-{split}")
+                       for split, items in parts.items()}
         elapsed = time.perf_counter() - started
         stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
         stats["warnings"] = warnings
@@ -237,7 +238,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     return Prepared(out, stats, False)
 
 
-def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig) -> dict[str, Any]:
+def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, fingerprint: str) -> dict[str, Any]:
     import datasets
     import pyarrow as pa
 
@@ -253,7 +254,8 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig) 
     table = table.append_column("turn_sessions", pa.array(sessions, type=pa.list_(pa.int32())))
     # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
     if table.num_rows:
-        datasets.Dataset(table).save_to_disk(str(directory))
+        # Named by the preparation's own fingerprint: datasets would otherwise hash the table (7 ms).
+        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(directory))
     tokens = int(sum(lengths))
     trained = int(sum(int(np.count_nonzero(x != -100)) for x in labels))
     capacity = len(rows) * config.max_length

@@ -6,7 +6,9 @@ gives every message's character span in the exact text `apply_chat_template` pro
 placeholder render depends only on the roles and names, so it is done once per dialogue shape
 and checked against a real render (see VERIFY_EVERY). A trained message's span runs
 from its first character through the template's end-of-turn marker; a token is trained when
-it overlaps a trained span (found with `char_to_token`, no per-token Python loop).
+it overlaps a trained span (no per-token Python loop). Which token covers a character comes
+from the tokenizer's offsets, or, for byte-level BPE tokenizers, from the tokens' byte lengths
+(see TokenBytes), which spares the tokenizer tracking offsets at all.
 
 Examples longer than `max_length` are cut at message boundaries: each piece keeps the system
 prompt and as much of the most recent context as fits, and no trained message is ever cut.
@@ -15,9 +17,11 @@ A trained message that cannot fit even alone is reported, never silently lost.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
@@ -60,6 +64,117 @@ class TokenizeStats:
     rejects: list[Reject] = field(default_factory=list)
 
 
+class TokenBytes:
+    """How many bytes of text each token stands for, for byte-level BPE tokenizers (GPT-2,
+    Llama 3, Qwen, SmolLM, ...). There a token's text is exactly its bytes, so where each token
+    sits follows from a cumulative sum, and the Rust tokenizer need not compute character
+    offsets, which costs it a third of its time. A text whose tokens do not add up to its
+    length in bytes (an added token that swallows spaces, say) is located by offsets instead."""
+
+    UNKNOWN, NOT_BYTES = -1, -2
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.added = {i: len(t.content.encode()) for i, t in backend.get_added_tokens_decoder().items()}
+        size = max(backend.get_vocab_size(with_added_tokens=True), max(self.added, default=-1) + 1)
+        self.lengths = np.full(size, self.UNKNOWN, dtype=np.int64)  # filled in as ids are met
+
+    @classmethod
+    def of(cls, backend) -> TokenBytes | None:
+        """For a tokenizer whose tokens are bytes as they are: a BPE model over the ByteLevel
+        pre-tokenizer (without an added prefix space), and no normalizer to change the text."""
+        from tokenizers.models import BPE
+
+        if backend.normalizer is not None or backend.pre_tokenizer is None or not isinstance(backend.model, BPE):
+            return None
+        state = json.loads(backend.pre_tokenizer.__getstate__())
+        steps = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+        byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+        harmless = {"ByteLevel", "Split", "Digits", "Punctuation"}  # they only cut the text
+        if len(byte_level) != 1 or byte_level[0].get("add_prefix_space") or any(
+                p.get("type") not in harmless for p in steps):
+            return None
+        return cls(backend)
+
+    def learn(self, ids: np.ndarray) -> None:
+        """Look up the byte lengths of the ids not met before (a few thousand per run)."""
+        met = np.zeros(len(self.lengths), dtype=bool)
+        met[ids] = True  # (np.unique sorts or hashes: ten times slower here)
+        alphabet = _byte_alphabet()
+        for i in np.flatnonzero(met & (self.lengths == self.UNKNOWN)).tolist():
+            if i in self.added:
+                self.lengths[i] = self.added[i]
+            else:
+                token = self.backend.id_to_token(i)
+                self.lengths[i] = len(token) if token is not None and alphabet.issuperset(token) else self.NOT_BYTES
+
+    def ends(self, ids: np.ndarray, text: str) -> np.ndarray | None:
+        """The byte offset where each token ends, or None if they do not add up to `text`."""
+        lengths = self.lengths[ids]
+        if (lengths < 0).any():
+            return None
+        ends = np.cumsum(lengths)
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return ends if len(ends) and ends[-1] == size else None
+
+
+@cache
+def _byte_alphabet() -> frozenset[str]:
+    """The 256 characters byte-level BPE writes bytes as (GPT-2's `bytes_to_unicode`)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return frozenset(ByteLevel.alphabet())
+
+
+class Located:
+    """A tokenized text and which token covers a given character."""
+
+    __slots__ = ("_char_bytes", "_encoding", "_ends", "ids")
+
+    def __init__(self, ids: np.ndarray, encoding=None, ends: np.ndarray | None = None, text: str = ""):
+        self.ids = ids
+        self._encoding = encoding  # with offsets: ask it
+        self._ends = ends  # or: each token's end in bytes
+        # Character -> byte offset; None when they coincide (ASCII text).
+        self._char_bytes = None if ends is None or text.isascii() else _char_byte_offsets(text)
+
+    def token_at(self, char: int, stop: int, step: int) -> int | None:
+        """The token covering `char` (its first byte for step=1, its last for step=-1), moving by
+        `step` past characters no token covers (a space the tokenizer's offsets leave out)."""
+        if self._ends is None:
+            while char != stop:
+                token = self._encoding.char_to_token(char)
+                if token is not None:
+                    return token
+                char += step
+            return None
+        if char == stop:
+            return None
+        return int(self._tokens_at(np.array([char]), step)[0])
+
+    def token_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The first and last token of each character span (start, end), for spans some token covers."""
+        if self._ends is None:
+            found = [(self.token_at(start, end, 1), self.token_at(end - 1, start - 1, -1)) for start, end in spans]
+            return [(first, last) for first, last in found if first is not None and last is not None]
+        bounds = np.array([span for span in spans if span[1] > span[0]], dtype=np.int64).reshape(-1, 2)
+        return list(zip(self._tokens_at(bounds[:, 0], 1).tolist(), self._tokens_at(bounds[:, 1] - 1, -1).tolist()))
+
+    def _tokens_at(self, chars: np.ndarray, step: int) -> np.ndarray:
+        if self._char_bytes is None:
+            at = chars
+        else:
+            at = self._char_bytes[chars] if step > 0 else self._char_bytes[chars + 1] - 1
+        return np.searchsorted(self._ends, at, side="right")
+
+
+def _char_byte_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character of `text` (and of its end)."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    sizes = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate(([0], np.cumsum(sizes)))
+
+
 def compile_template(source: str):
     """The same compiled Jinja template `apply_chat_template` renders with."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -86,6 +201,10 @@ class ExampleEncoder:
         self._rendered = 0
         self._verify_every_example = not content_is_opaque(template.source)
         self._names_matter = uses_names(template.source)
+        self._token_bytes = TokenBytes.of(backend)
+        # Without offsets when token byte lengths locate the tokens (tokenizers >= 0.21 has it).
+        fast = getattr(backend, "encode_batch_fast", None)
+        self._encode_batch = fast if fast is not None and self._token_bytes is not None else backend.encode_batch
 
     # -- rendering -----------------------------------------------------------------
     def _render_text(self, chat: list[dict]) -> str:
@@ -162,17 +281,26 @@ class ExampleEncoder:
             )
 
     # -- tokenizing ----------------------------------------------------------------
-    def _labels(self, encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    def _labels(self, located: Located, spans: list[tuple[int, int]]) -> np.ndarray:
+        ids = located.ids
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-        for start, end in spans:
-            first = _token_at(encoding, start, end, step=1)
-            last = _token_at(encoding, end - 1, start - 1, step=-1)
-            if first is not None and last is not None:
-                labels[first : last + 1] = ids[first : last + 1]
+        for first, last in located.token_spans(spans):
+            labels[first : last + 1] = ids[first : last + 1]
         # The first token is never predicted (nothing precedes it); making that explicit keeps
         # packed rows safe: no example is ever trained to follow the previous one.
         labels[0] = IGNORE_INDEX
         return labels
+
+    def _locate(self, text: str, encoding, ids: np.ndarray | None = None) -> Located:
+        if ids is None:
+            ids = np.asarray(encoding.ids, dtype=np.int32)
+        if self._token_bytes is None:
+            return Located(ids, encoding=encoding)
+        ends = self._token_bytes.ends(ids, text)
+        if ends is None:  # the byte lengths do not add up: ask the tokenizer for offsets
+            encoding = self.backend.encode(text, add_special_tokens=False)
+            return Located(np.asarray(encoding.ids, dtype=np.int32), encoding=encoding)
+        return Located(ids, ends=ends, text=text)
 
     def encode(self, examples: list[Example], stats: TokenizeStats) -> Iterator[Tokenized]:
         """Tokenize a batch of examples (in parallel, in Rust); yields the ones that fit, split
@@ -194,56 +322,94 @@ class ExampleEncoder:
     def tokenize(self, rendered: list[Rendered]) -> list:
         """The Rust tokenizer over a batch. It releases the GIL, so a caller may run it in a
         thread while it renders the next batch."""
-        return self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+        return self._encode_batch([r.text for r in rendered], add_special_tokens=False)
 
     def label(self, examples: list[Example], rendered: list[Rendered], encodings: list,
               stats: TokenizeStats) -> Iterator[Tokenized]:
-        for example, render, encoding in zip(examples, rendered, encodings, strict=True):
-            ids = np.asarray(encoding.ids, dtype=np.int32)
-            if len(ids) <= self.max_length:
-                yield Tokenized(ids, self._labels(encoding, ids, render.trained_spans), example)
+        located = self._locate_batch(rendered, encodings)
+        long = [k for k, found in enumerate(located) if len(found.ids) > self.max_length]
+        ahead = dict(zip(long, self._fit_ahead([(examples[k], rendered[k], located[k]) for k in long]), strict=True))
+        for k, (example, render, found) in enumerate(zip(examples, rendered, located, strict=True)):
+            if k in ahead:
+                yield from self._fit(example, *ahead[k], stats)
             else:
-                yield from self._fit(example, render, encoding, stats)
+                yield Tokenized(found.ids, self._labels(found, render.trained_spans), example)
+
+    def _locate_batch(self, rendered: list[Rendered], encodings: list) -> list[Located]:
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        if self._token_bytes is not None and ids:
+            self._token_bytes.learn(np.concatenate(ids))
+        return [self._locate(r.text, e, i) for r, e, i in zip(rendered, encodings, ids, strict=True)]
 
     def encode_one(self, example: Example) -> tuple[Tokenized, Rendered]:
         render = self.render(example)
-        encoding = self.backend.encode(render.text, add_special_tokens=False)
-        ids = np.asarray(encoding.ids, dtype=np.int32)
-        return Tokenized(ids, self._labels(encoding, ids, render.trained_spans), example), render
+        [located] = self._locate_batch([render], self._encode_batch([render.text], add_special_tokens=False))
+        return Tokenized(located.ids, self._labels(located, render.trained_spans), example), render
 
     # -- fitting long examples ------------------------------------------------------
-    def _fit(self, example: Example, render: Rendered, encoding, stats: TokenizeStats) -> Iterator[Tokenized]:
+    def _layout(self, example: Example, render: Rendered, located: Located) -> _Layout:
         messages = example.messages
         n_system = 0
         while n_system < len(messages) and messages[n_system]["role"] == "system":
             n_system += 1
         # Token estimate per message from the full encoding: from its start to the next message's.
-        starts = [_token_at(encoding, s, len(render.text), 1) if s is not None else None
+        starts = [located.token_at(s, len(render.text), 1) if s is not None else None
                   for s in render.message_starts]
         known = sorted((s, i) for i, s in enumerate(starts) if s is not None)
         sizes = [0] * len(messages)
-        for (start, index), following in zip(known, [s for s, _ in known[1:]] + [len(encoding.ids)]):
+        for (start, index), following in zip(known, [s for s, _ in known[1:]] + [len(located.ids)]):
             sizes[index] = following - start
         head = starts[n_system] if n_system < len(starts) and starts[n_system] is not None else 0
         trained = [i for i in range(n_system, len(messages)) if messages[i]["train"]]
+        return _Layout(n_system, sizes, head, trained)
+
+    def _window(self, layout: _Layout, example: Example, cursor: int) -> tuple[int, int, int, int]:
+        """The messages (begin, end) of the piece that starts with trained turn number `cursor`,
+        by token estimates; `floor` is the turn it answers, `first` its first trained turn."""
+        sizes, n_system, head, trained = layout.sizes, layout.n_system, layout.head, layout.trained
+        first = trained[cursor]
+        # The turn being answered always comes along; more context up to half the row, then
+        # as many following turns as fit, then more context if room is left.
+        floor = first - 1 if first > n_system else first
+        budget = max(self.max_length // 2, head + sum(sizes[floor : first + 1]))
+        begin = min(floor, self._extend_back(sizes, n_system, first, head + sizes[first], budget))
+        estimate = head + sum(sizes[begin : first + 1])
+        end = first
+        while end + 1 < len(example.messages) and estimate + sizes[end + 1] <= self.max_length:
+            end += 1
+            estimate += sizes[end]
+        end = max(i for i in trained if first <= i <= end)
+        begin = self._extend_back(sizes, n_system, begin, head + sum(sizes[begin : end + 1]), self.max_length)
+        return begin, floor, first, end
+
+    def _fit_ahead(self, long: list[tuple[Example, Rendered, Located]]) -> list[tuple[_Layout, dict]]:
+        """Tokenize, all in one parallel batch, the pieces `_fit` will try first for each long
+        example (the estimates are nearly always right), so it rarely encodes on its own."""
+        plans, pieces = [], []
+        for example, render, located in long:
+            layout = self._layout(example, render, located)
+            plan, cursor = {}, 0
+            while cursor < len(layout.trained):
+                begin, _, first, end = self._window(layout, example, cursor)
+                plan[begin, first, end] = len(pieces)
+                pieces.append(self._piece(example, layout.n_system, begin, first, end))
+                cursor = next((k for k, i in enumerate(layout.trained) if i > end), len(layout.trained))
+            plans.append((layout, plan))
+        kept, rendered = self.render_batch(pieces, TokenizeStats())  # a refusal is met again, and reported, in _fit
+        located = self._locate_batch(rendered, self.tokenize(rendered)) if rendered else []
+        done = {id(p): Tokenized(found.ids, self._labels(found, r.trained_spans), p)
+                for p, r, found in zip(kept, rendered, located, strict=True)}
+        return [(layout, {key: done[id(pieces[i])] for key, i in plan.items() if id(pieces[i]) in done})
+                for layout, plan in plans]
+
+    def _fit(self, example: Example, layout: _Layout, ready: dict, stats: TokenizeStats) -> Iterator[Tokenized]:
+        messages, n_system, trained = example.messages, layout.n_system, layout.trained
         pieces = 0
         cursor = 0
         while cursor < len(trained):
-            first = trained[cursor]
-            # The turn being answered always comes along; more context up to half the row, then
-            # as many following turns as fit, then more context if room is left.
-            floor = first - 1 if first > n_system else first
-            budget = max(self.max_length // 2, head + sum(sizes[floor : first + 1]))
-            begin = min(floor, self._extend_back(sizes, n_system, first, head + sizes[first], budget))
-            estimate = head + sum(sizes[begin : first + 1])
-            end = first
-            while end + 1 < len(messages) and estimate + sizes[end + 1] <= self.max_length:
-                end += 1
-                estimate += sizes[end]
-            end = max(i for i in trained if first <= i <= end)
-            begin = self._extend_back(sizes, n_system, begin, head + sum(sizes[begin : end + 1]), self.max_length)
+            begin, floor, first, end = self._window(layout, example, cursor)
             try:
-                piece = self._fit_piece(example, n_system, begin, floor, first, end)
+                piece = self._fit_piece(example, n_system, begin, floor, first, end, ready)
             except ExampleRejected as err:
                 stats.rejects.append(_reject(example, str(err)))
                 return
@@ -272,18 +438,26 @@ class ExampleEncoder:
             estimate += sizes[begin]
         return begin
 
-    def _fit_piece(self, example: Example, n_system: int, begin: int, floor: int, first: int, end: int):
+    @staticmethod
+    def _piece(example: Example, n_system: int, begin: int, first: int, end: int) -> Example:
+        """messages[begin..end] with the system prompt; only turns from `first` on are trained."""
+        messages = example.messages
+        body = [dict(m) for m in messages[begin : end + 1]]
+        for offset, m in enumerate(body):
+            m["train"] = m["train"] and begin + offset >= first
+        return Example(messages[:n_system] + body, example.dialogue_id, example.group, example.source, example.line)
+
+    def _fit_piece(self, example: Example, n_system: int, begin: int, floor: int, first: int, end: int,
+                   ready: dict):
         """Render messages[begin..end] (with the system prompt) and shrink until it fits:
         drop the oldest context first (never the turn at `floor`, the one being answered),
-        then trailing trained turns (they go to the next piece)."""
+        then trailing trained turns (they go to the next piece). `ready` holds pieces already
+        tokenized by `_fit_ahead`."""
         messages = example.messages
         while True:
-            body = [dict(m) for m in messages[begin : end + 1]]
-            for offset, m in enumerate(body):
-                m["train"] = m["train"] and begin + offset >= first
-            piece = Example(messages[:n_system] + body, example.dialogue_id, example.group,
-                            example.source, example.line)
-            tokenized, _ = self.encode_one(piece)
+            tokenized = ready.get((begin, first, end))
+            if tokenized is None:
+                tokenized, _ = self.encode_one(self._piece(example, n_system, begin, first, end))
             if len(tokenized.input_ids) <= self.max_length:
                 return tokenized, begin, end
             if begin < floor:
@@ -294,16 +468,15 @@ class ExampleEncoder:
                 return None
 
 
+@dataclass(slots=True)
+class _Layout:
+    """Where a long example's messages sit, for cutting it: token estimates per message."""
+
+    n_system: int  # leading system messages, repeated in every piece
+    sizes: list[int]  # tokens per message, from the full encoding
+    head: int  # tokens before the first non-system message
+    trained: list[int]  # indices of the trained messages
+
+
 def _reject(example: Example, reason: str) -> Reject:
     return Reject(example.source, example.line, reason, stage="tokenize", item=example.dialogue_id)
-
-
-def _token_at(encoding, char: int, stop: int, step: int) -> int | None:
-    """The token covering `char`, moving by `step` past characters no token covers (a space
-    that the tokenizer trims from a token's offsets)."""
-    while char != stop:
-        token = encoding.char_to_token(char)
-        if token is not None:
-            return token
-        char += step
-    return None

@@ -1,5 +1,5 @@
 """Long examples: cut at turn boundaries, most recent context kept, no trained turn ever cut,
-and a turn that cannot fit is reported."""
+and a turn that cannot fit is reported. Tokens located by byte lengths exactly as by offsets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from dialogtune.tasks import Example, message
 from dialogtune.templates import resolve_template
-from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, TokenizeStats
+from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, TokenBytes, TokenizeStats
 
 
 def dialogue(turns: int, trained_every: int = 2, system: str | None = "Be brief.") -> Example:
@@ -112,3 +112,112 @@ def test_a_reply_is_never_kept_without_the_turn_it_answers(byte_tokenizer):
                       "o", "o", "data.jsonl", 4)
     (piece,), stats, _ = encode(byte_tokenizer, opening, 60)
     assert trained_text(byte_tokenizer, piece) == "Welcome aboard.<|im_end|>" and not stats.rejects
+
+
+# -- locating tokens by their byte lengths ----------------------------------------------
+class OffsetsEncoder(ExampleEncoder):
+    """The reference: character offsets from the tokenizer for every example."""
+
+    def __init__(self, tokenizer, template, max_length):
+        super().__init__(tokenizer, template, max_length)
+        self._token_bytes = None
+        self._encode_batch = self.backend.encode_batch
+
+
+TRICKY = [
+    "Café crème, naïve résumé.",  # 2-byte characters
+    "Party time 🎉🎉 right now",  # 4-byte characters, split across byte tokens
+    "東京へ行きます。",  # 3-byte characters, none in the vocabulary
+    "  leading spaces and trailing  ",
+    "a   run    of     spaces",
+    "\n\nstarts with blank lines",
+    "tab\tinside and \u00a0nbsp",
+    "<|im_end|> typed by a user",  # an added token inside content
+]
+
+
+def tricky_example(content: str) -> Example:
+    return Example([message("system", "Be brief."), message("user", content),
+                    message("assistant", content, train=True), message("user", "ok"),
+                    message("assistant", "Done é.", train=True)], "t", "t", "t.jsonl", 1)
+
+
+def assert_same_pieces(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        assert a.labels.tolist() == b.labels.tolist()
+
+
+@pytest.mark.parametrize("content", TRICKY)
+def test_byte_lengths_locate_tokens_exactly_as_offsets_do(byte_tokenizer, content):
+    template = resolve_template("chatml", byte_tokenizer)
+    encoder = ExampleEncoder(byte_tokenizer, template, 4096)
+    assert encoder._token_bytes is not None  # the byte path is the one under test
+    got = list(encoder.encode([tricky_example(content)], TokenizeStats()))
+    expected = list(OffsetsEncoder(byte_tokenizer, template, 4096).encode([tricky_example(content)], TokenizeStats()))
+    assert_same_pieces(got, expected)
+    runs = byte_tokenizer.decode(got[0].input_ids[got[0].labels != IGNORE_INDEX].tolist())
+    assert runs == content + "<|im_end|>" + "Done é.<|im_end|>"
+
+
+def test_byte_lengths_only_for_byte_level_tokenizers(byte_tokenizer, metaspace_tokenizer):
+    assert TokenBytes.of(byte_tokenizer.backend_tokenizer) is not None
+    # Metaspace writes a space as '▁' (three bytes for one): token lengths are not bytes there.
+    assert TokenBytes.of(metaspace_tokenizer.backend_tokenizer) is None
+    table = TokenBytes(byte_tokenizer.backend_tokenizer)
+    ids = np.array(byte_tokenizer.encode("Hello <|im_end|> é", add_special_tokens=False), dtype=np.int32)
+    table.learn(ids)
+    assert table.ends(ids, "Hello <|im_end|> é").tolist()[-1] == len("Hello <|im_end|> é".encode())
+    assert table.ends(ids, "Hello <|im_end|> e") is None  # one byte short: not this text
+
+
+def test_tokens_that_do_not_add_up_to_the_text_fall_back_to_offsets(byte_tokenizer):
+    """An added token that swallows the space before it covers one byte more than it spells."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    tokenizer = copy.deepcopy(byte_tokenizer)
+    tokenizer.add_tokens([AddedToken("<mark>", lstrip=True)])
+    template = resolve_template("chatml", tokenizer)
+    encoder = ExampleEncoder(tokenizer, template, 4096)
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            if name == "encode":
+                calls.append(name)
+            return getattr(tokenizer.backend_tokenizer, name)
+
+    encoder.backend = Recording()
+    example = tricky_example("see <mark> here")
+    got = list(encoder.encode([example, tricky_example("plain")], TokenizeStats()))
+    assert calls == ["encode"]  # the marked example only, located by offsets
+    expected = list(OffsetsEncoder(tokenizer, template, 4096).encode([example, tricky_example("plain")],
+                                                                      TokenizeStats()))
+    assert_same_pieces(got, expected)
+
+
+def test_long_examples_cut_in_a_batch_as_one_at_a_time(byte_tokenizer):
+    """Pieces of long examples are tokenized together ahead of time: the same pieces, counts
+    and rejects as encoding each example on its own."""
+    batch = [dialogue(3), dialogue(14), dialogue(2, system=None), dialogue(11, trained_every=3), dialogue(4)]
+    too_long = Example([message("user", "Hi."), message("assistant", "Hello there! " * 40, train=True),
+                        message("user", "And?"), message("assistant", "Fine.", train=True)], "d7", "d7", "x", 2)
+    batch.insert(2, too_long)
+    encoder = ExampleEncoder(byte_tokenizer, resolve_template("chatml", byte_tokenizer), 100)
+    one_by_one = []
+    encoder.encode_one = lambda ex: one_by_one.append(ex.dialogue_id) or ExampleEncoder.encode_one(encoder, ex)
+    together = TokenizeStats()
+    got = list(encoder.encode(batch, together))
+    assert one_by_one == []  # every piece came tokenized from the one batch
+    alone = TokenizeStats()
+    reference = OffsetsEncoder(byte_tokenizer, resolve_template("chatml", byte_tokenizer), 100)
+    expected = [piece for ex in batch for piece in reference.encode([ex], alone)]
+    assert_same_pieces(got, expected)
+    assert [p.example.dialogue_id for p in got] == [p.example.dialogue_id for p in expected]
+    assert (together.examples_split, together.context_truncated, together.turns_too_long) == (
+        alone.examples_split, alone.context_truncated, alone.turns_too_long)
+    assert together.examples_split >= 2 and together.turns_too_long == 1
+    assert [r.reason for r in together.rejects] == [r.reason for r in alone.rejects]
