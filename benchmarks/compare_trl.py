@@ -1,7 +1,7 @@
 """dialogtune against TRL's SFTTrainer: the same dialogue job, model and machine, side by side.
 
     .venv/bin/pip install -e ".[bench]"              # TRL and py-spy, never runtime dependencies
-    .venv/bin/python benchmarks/compare_trl.py        # SmolLM2-135M, 256 SGD dialogues (~35 min on 2 CPU cores)
+    .venv/bin/python benchmarks/compare_trl.py        # SmolLM2-135M, 256 SGD dialogues (35–50 min on 2 CPU cores)
     .venv/bin/python benchmarks/compare_trl.py --tiny # a tiny random model: checks the harness in ~7 min
 
 The job: the first 256 dialogues of the SGD train files as chat messages (USER -> user,
