@@ -76,34 +76,49 @@ class TokenBytes:
     def __init__(self, backend):
         self.backend = backend
         self.added = {i: len(t.content.encode()) for i, t in backend.get_added_tokens_decoder().items()}
+        # The unknown token stands for however many bytes it swallowed: never a known length.
+        unk = backend.model.unk_token
+        self.unknown_id = backend.token_to_id(unk) if unk else None
         size = max(backend.get_vocab_size(with_added_tokens=True), max(self.added, default=-1) + 1)
         self.lengths = np.full(size, self.UNKNOWN, dtype=np.int64)  # filled in as ids are met
 
     @classmethod
     def of(cls, backend) -> TokenBytes | None:
-        """For a tokenizer whose tokens are bytes as they are: a BPE model over the ByteLevel
-        pre-tokenizer (without an added prefix space), and no normalizer to change the text."""
+        """For a tokenizer whose tokens are bytes as they are: a BPE model (without byte
+        fallback) over the ByteLevel pre-tokenizer (without an added prefix space), no normalizer
+        to change the text, and no post-processor that trims offsets (the labels must be those
+        the offsets would give)."""
         from tokenizers.models import BPE
 
         if backend.normalizer is not None or backend.pre_tokenizer is None or not isinstance(backend.model, BPE):
             return None
-        state = json.loads(backend.pre_tokenizer.__getstate__())
-        steps = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+        if backend.model.byte_fallback:
+            return None
+        steps = _steps(backend.pre_tokenizer, "pretokenizers")
         byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
         harmless = {"ByteLevel", "Split", "Digits", "Punctuation"}  # they only cut the text
         if len(byte_level) != 1 or byte_level[0].get("add_prefix_space") or any(
                 p.get("type") not in harmless for p in steps):
             return None
+        post = _steps(backend.post_processor, "processors") if backend.post_processor is not None else []
+        if any(p.get("trim_offsets") and p.get("type") in ("ByteLevel", "RobertaProcessing") for p in post):
+            return None
         return cls(backend)
 
     def learn(self, ids: np.ndarray) -> None:
         """Look up the byte lengths of the ids not met before (a few thousand per run)."""
+        if len(ids) and ids.max() >= len(self.lengths):  # ids need not be contiguous
+            grown = np.full(int(ids.max()) + 1, self.UNKNOWN, dtype=np.int64)
+            grown[: len(self.lengths)] = self.lengths
+            self.lengths = grown
         met = np.zeros(len(self.lengths), dtype=bool)
         met[ids] = True  # (np.unique sorts or hashes: ten times slower here)
         alphabet = _byte_alphabet()
         for i in np.flatnonzero(met & (self.lengths == self.UNKNOWN)).tolist():
             if i in self.added:
                 self.lengths[i] = self.added[i]
+            elif i == self.unknown_id:
+                self.lengths[i] = self.NOT_BYTES
             else:
                 token = self.backend.id_to_token(i)
                 self.lengths[i] = len(token) if token is not None and alphabet.issuperset(token) else self.NOT_BYTES
@@ -116,6 +131,12 @@ class TokenBytes:
         ends = np.cumsum(lengths)
         size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         return ends if len(ends) and ends[-1] == size else None
+
+
+def _steps(component, members: str) -> list[dict]:
+    """A pre-tokenizer's or post-processor's settings, a Sequence as its members."""
+    state = json.loads(component.__getstate__())
+    return state.get(members, [state]) if state.get("type") == "Sequence" else [state]
 
 
 @cache
@@ -139,8 +160,9 @@ class Located:
         self._char_bytes = None if ends is None or text.isascii() else _char_byte_offsets(text)
 
     def token_at(self, char: int, stop: int, step: int) -> int | None:
-        """The token covering `char` (its first byte for step=1, its last for step=-1), moving by
-        `step` past characters no token covers (a space the tokenizer's offsets leave out)."""
+        """The token covering `char` (the first of them, for a character split across tokens,
+        as `char_to_token` says), moving by `step` past characters no token covers (a space the
+        tokenizer's offsets leave out)."""
         if self._ends is None:
             while char != stop:
                 token = self._encoding.char_to_token(char)
@@ -150,7 +172,7 @@ class Located:
             return None
         if char == stop:
             return None
-        return int(self._tokens_at(np.array([char]), step)[0])
+        return int(self._tokens_at(np.array([char]))[0])
 
     def token_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The first and last token of each character span (start, end), for spans some token covers."""
@@ -158,13 +180,11 @@ class Located:
             found = [(self.token_at(start, end, 1), self.token_at(end - 1, start - 1, -1)) for start, end in spans]
             return [(first, last) for first, last in found if first is not None and last is not None]
         bounds = np.array([span for span in spans if span[1] > span[0]], dtype=np.int64).reshape(-1, 2)
-        return list(zip(self._tokens_at(bounds[:, 0], 1).tolist(), self._tokens_at(bounds[:, 1] - 1, -1).tolist()))
+        return list(zip(self._tokens_at(bounds[:, 0]).tolist(), self._tokens_at(bounds[:, 1] - 1).tolist()))
 
-    def _tokens_at(self, chars: np.ndarray, step: int) -> np.ndarray:
-        if self._char_bytes is None:
-            at = chars
-        else:
-            at = self._char_bytes[chars] if step > 0 else self._char_bytes[chars + 1] - 1
+    def _tokens_at(self, chars: np.ndarray) -> np.ndarray:
+        """The token holding the first byte of each character."""
+        at = chars if self._char_bytes is None else self._char_bytes[chars]
         return np.searchsorted(self._ends, at, side="right")
 
 
@@ -395,7 +415,13 @@ class ExampleEncoder:
                 pieces.append(self._piece(example, layout.n_system, begin, first, end))
                 cursor = next((k for k, i in enumerate(layout.trained) if i > end), len(layout.trained))
             plans.append((layout, plan))
-        kept, rendered = self.render_batch(pieces, TokenizeStats())  # a refusal is met again, and reported, in _fit
+        kept, rendered = [], []
+        for piece in pieces:
+            try:
+                rendered.append(self.render(piece))
+                kept.append(piece)
+            except (ExampleRejected, TemplateError):
+                pass  # not tokenized ahead: `_fit` meets it again if it needs it, and reports it there
         located = self._locate_batch(rendered, self.tokenize(rendered)) if rendered else []
         done = {id(p): Tokenized(found.ids, self._labels(found, r.trained_spans), p)
                 for p, r, found in zip(kept, rendered, located, strict=True)}

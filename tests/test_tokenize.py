@@ -221,3 +221,69 @@ def test_long_examples_cut_in_a_batch_as_one_at_a_time(byte_tokenizer):
         alone.examples_split, alone.context_truncated, alone.turns_too_long)
     assert together.examples_split >= 2 and together.turns_too_long == 1
     assert [r.reason for r in together.rejects] == [r.reason for r in alone.rejects]
+
+
+def test_offset_trimming_post_processor_keeps_the_offsets_path(byte_tokenizer):
+    """RoBERTa-style post-processing trims spaces from offsets, which moves labels: byte
+    lengths would not agree with it, so such a tokenizer is located by offsets."""
+    import copy
+
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(byte_tokenizer)
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert TokenBytes.of(tokenizer.backend_tokenizer) is None
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert TokenBytes.of(tokenizer.backend_tokenizer) is not None
+
+
+def byte_bpe(vocab: dict[str, int], merges=(), **options):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), **options))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tokenizer
+
+
+def test_unknown_token_has_no_byte_length():
+    """`<unk>` stands for however many bytes it swallowed; counted as its five letters, the
+    lengths here would add up by chance and place 'x' two tokens off."""
+    from tokenizers import pre_tokenizers
+
+    ascii_bytes = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if ord(c) < 128 or c == "Ġ")
+    backend = byte_bpe({"<unk>": 0, **{c: i + 1 for i, c in enumerate(ascii_bytes)}}, unk_token="<unk>",
+                       fuse_unk=True)
+    text = "éééé x é"
+    ids = np.array(backend.encode(text).ids, dtype=np.int32)
+    table = TokenBytes.of(backend)
+    table.learn(ids)
+    assert table.ends(ids, text) is None  # so the text is located by offsets
+    assert TokenBytes.of(byte_bpe({"a": 0}, byte_fallback=True)) is None
+
+
+def test_token_ids_with_gaps():
+    from tokenizers import pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ab"] = 1000  # past the number of entries
+    backend = byte_bpe(vocab, merges=[("a", "b")])
+    ids = np.array(backend.encode("ab a").ids, dtype=np.int32)
+    table = TokenBytes.of(backend)
+    table.learn(ids)
+    assert table.ends(ids, "ab a").tolist() == [2, 3, 4]
+
+
+def test_every_character_maps_to_the_token_char_to_token_names(byte_tokenizer):
+    """Including characters whose bytes are split across tokens: the first token holding them."""
+    from dialogtune.tokenize import Located
+
+    backend = byte_tokenizer.backend_tokenizer
+    text = "x🎉 café 東京 a\u00a0b 𝔘𝔫"
+    encoding = backend.encode(text, add_special_tokens=False)
+    ids = np.array(encoding.ids, dtype=np.int32)
+    table = TokenBytes.of(backend)
+    table.learn(ids)
+    located = Located(ids, ends=table.ends(ids, text), text=text)
+    for char in range(len(text)):
+        assert located.token_at(char, len(text), 1) == encoding.char_to_token(char)
+        assert located.token_at(char, -1, -1) == encoding.char_to_token(char)
