@@ -89,7 +89,13 @@ def worker_data(args) -> dict:
 
 
 def worker_peak(args) -> dict:
-    """The machine's fp32 matmul peak with the default threads: best of a few square sizes."""
+    return matmul_peak()
+
+
+def matmul_peak() -> dict:
+    """The machine's fp32 matmul peak with the default threads: best of a few square sizes.
+    Also measured in each training process right after it trains (memory peaks read first), as
+    this shared machine's speed drifts during a run."""
     import torch
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -167,6 +173,7 @@ def worker_dialogtune_train(args) -> dict:
         "peak_memory_mb": summary["peak_memory_mb"], "train_loss_last": summary["train_loss_last"],
         "train_losses": [r["loss"] for r in records], "segment_attention": summary.get("segment_attention"),
         "adapter": summary["final"],
+        "matmul_peak_after_gflops": matmul_peak()["matmul_peak_gflops"],
     }
 
 
@@ -367,6 +374,11 @@ def row_of(name: str, label: str, prep: dict, run: dict, heldout: dict, per_toke
         "train_loss_last": run.get("train_loss_last"), "heldout_loss": heldout["heldout_loss"].get(name),
         "mfu": round((rate * per_token[0] + trained_rate * per_token[1]) / (peak["matmul_peak_gflops"] * 1e9), 3),
         "mfu_head_everywhere": round(rate * sum(per_token) / (peak["matmul_peak_gflops"] * 1e9), 3),
+        # Against the peak measured in the run's own process right after it trained.
+        "matmul_peak_after_gflops": run.get("matmul_peak_after_gflops"),
+        "mfu_vs_peak_after": round((rate * per_token[0] + trained_rate * per_token[1])
+                                   / (run["matmul_peak_after_gflops"] * 1e9), 3)
+        if run.get("matmul_peak_after_gflops") else None,
         "template": run.get("template"),
     }
 
@@ -459,6 +471,10 @@ def render(result: dict) -> str:
                   f" | {ratio(scale['rows'][0]['dialogues_per_s'], r['dialogues_per_s'])} |" for r in scale["rows"]]
     summary = ", ".join(f"{k} {v}" + ("x" if "_vs_" in k else "") for k, v in ratios.items())
     head_everywhere = ", ".join(f"{r['name']} {r['mfu_head_everywhere']:.0%}" for r in rows)
+    after = [r for r in rows if r.get("mfu_vs_peak_after")]
+    after_text = (" Against the peak measured in each run's process right after it trained: " + ", ".join(
+        f"{r['name']} {r['mfu_vs_peak_after']:.0%} ({r['matmul_peak_after_gflops']} GFLOP/s)" for r in after)
+        + ".") if after else ""
     return (
         f"# {result['job']}\n\n" + "\n".join(lines) + f"\n\ndialogtune against TRL: {summary}.\n\n"
         f"Base model held-out loss: {heldout['heldout_loss'].get('base')} ({heldout['heldout_tokens']} assistant"
@@ -467,7 +483,7 @@ def render(result: dict) -> str:
         f"Rates are steady state (the first step left out). MFU: tokens/s x {per_token[0] / 1e6:.0f} MFLOP"
         f" (layers) + trained tokens/s x {per_token[1] / 1e6:.0f} MFLOP (LM head), over the measured matmul peak"
         f" of {machine['matmul_peak_gflops']} GFLOP/s ({machine['dtype']}, {machine['threads']} threads). Counting"
-        f" the head at every position instead: {head_everywhere}.\n\n"
+        f" the head at every position instead: {head_everywhere}.{after_text}\n\n"
         f"Command: `{result['command']}` ({result['seconds'] / 60:.0f} min)\n\nMachine: {machine}\n")
 
 

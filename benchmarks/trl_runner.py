@@ -454,6 +454,9 @@ def main(argv=None):
     if cuda:
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    from compare_trl import matmul_peak  # after the memory peaks are read: the machine's speed now
+
+    result["matmul_peak_after_gflops"] = matmul_peak()["matmul_peak_gflops"]
     out_dir.cleanup()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     steady = result["steady_trained_tokens_per_s"]
