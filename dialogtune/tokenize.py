@@ -311,9 +311,7 @@ class ExampleEncoder:
         labels[0] = IGNORE_INDEX
         return labels
 
-    def _locate(self, text: str, encoding, ids: np.ndarray | None = None) -> Located:
-        if ids is None:
-            ids = np.asarray(encoding.ids, dtype=np.int32)
+    def _locate(self, text: str, encoding, ids: np.ndarray) -> Located:
         if self._token_bytes is None:
             return Located(ids, encoding=encoding)
         ends = self._token_bytes.ends(ids, text)
