@@ -364,6 +364,8 @@ def row_of(name: str, label: str, prep: dict, run: dict, heldout: dict, per_toke
     # Steady state leaves the first (warm-up) step out; a one-step run has only the overall rate.
     rate = run.get("steady_tokens_per_s") or run["tokens_per_s"]
     trained_rate = run.get("steady_trained_tokens_per_s") or run["trained_tokens_per_s"]
+    needed = rate * per_token[0] + trained_rate * per_token[1]  # FLOP/s the job needs at this speed
+    after = run.get("matmul_peak_after_gflops")  # the peak in the run's own process, right after it trained
     return {
         "name": name, "label": label, "prepare_dialogues_per_s": prep.get("dialogues_per_s"),
         "prepare_tokens_per_s": prep.get("tokens_per_s"), "tokens_per_s": rate,
@@ -372,13 +374,10 @@ def row_of(name: str, label: str, prep: dict, run: dict, heldout: dict, per_toke
         "steps": run["steps"], "tokens": run["tokens"], "trained_tokens": run["trained_tokens"],
         "padding_fraction": run.get("padding_fraction"), "peak_rss_mb": run.get("peak_rss_mb"),
         "train_loss_last": run.get("train_loss_last"), "heldout_loss": heldout["heldout_loss"].get(name),
-        "mfu": round((rate * per_token[0] + trained_rate * per_token[1]) / (peak["matmul_peak_gflops"] * 1e9), 3),
+        "mfu": round(needed / (peak["matmul_peak_gflops"] * 1e9), 3),
         "mfu_head_everywhere": round(rate * sum(per_token) / (peak["matmul_peak_gflops"] * 1e9), 3),
-        # Against the peak measured in the run's own process right after it trained.
-        "matmul_peak_after_gflops": run.get("matmul_peak_after_gflops"),
-        "mfu_vs_peak_after": round((rate * per_token[0] + trained_rate * per_token[1])
-                                   / (run["matmul_peak_after_gflops"] * 1e9), 3)
-        if run.get("matmul_peak_after_gflops") else None,
+        "matmul_peak_after_gflops": after,
+        "mfu_vs_peak_after": round(needed / (after * 1e9), 3) if after else None,
         "template": run.get("template"),
     }
 

@@ -79,8 +79,8 @@ class TokenBytes:
         # The unknown token stands for however many bytes it swallowed: never a known length.
         unk = backend.model.unk_token
         self.unknown_id = backend.token_to_id(unk) if unk else None
-        size = max(backend.get_vocab_size(with_added_tokens=True), max(self.added, default=-1) + 1)
-        self.lengths = np.full(size, self.UNKNOWN, dtype=np.int64)  # filled in as ids are met
+        # Filled in as ids are met; grown by `learn` if an id lies past the vocabulary's size.
+        self.lengths = np.full(backend.get_vocab_size(with_added_tokens=True), self.UNKNOWN, dtype=np.int64)
 
     @classmethod
     def of(cls, backend) -> TokenBytes | None:
@@ -123,13 +123,12 @@ class TokenBytes:
                 token = self.backend.id_to_token(i)
                 self.lengths[i] = len(token) if token is not None and alphabet.issuperset(token) else self.NOT_BYTES
 
-    def ends(self, ids: np.ndarray, text: str) -> np.ndarray | None:
-        """The byte offset where each token ends, or None if they do not add up to `text`."""
+    def ends(self, ids: np.ndarray, size: int) -> np.ndarray | None:
+        """The byte offset where each token ends, or None if they do not add up to `size` bytes."""
         lengths = self.lengths[ids]
         if (lengths < 0).any():
             return None
         ends = np.cumsum(lengths)
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         return ends if len(ends) and ends[-1] == size else None
 
 
@@ -152,12 +151,12 @@ class Located:
 
     __slots__ = ("_char_bytes", "_encoding", "_ends", "ids")
 
-    def __init__(self, ids: np.ndarray, encoding=None, ends: np.ndarray | None = None, text: str = ""):
+    def __init__(self, ids: np.ndarray, encoding=None, ends: np.ndarray | None = None,
+                 char_bytes: np.ndarray | None = None):
         self.ids = ids
         self._encoding = encoding  # with offsets: ask it
-        self._ends = ends  # or: each token's end in bytes
-        # Character -> byte offset; None when they coincide (ASCII text).
-        self._char_bytes = None if ends is None or text.isascii() else _char_byte_offsets(text)
+        self._ends = ends  # or: each token's end in bytes,
+        self._char_bytes = char_bytes  # and each character's byte offset (None: the same, ASCII text)
 
     def token_at(self, char: int, stop: int, step: int) -> int | None:
         """The token covering `char` (the first of them, for a character split across tokens,
@@ -188,7 +187,7 @@ class Located:
         return np.searchsorted(self._ends, at, side="right")
 
 
-def _char_byte_offsets(text: str) -> np.ndarray:
+def char_byte_offsets(text: str) -> np.ndarray:
     """The UTF-8 byte offset of each character of `text` (and of its end)."""
     points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     sizes = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
@@ -314,11 +313,12 @@ class ExampleEncoder:
     def _locate(self, text: str, encoding, ids: np.ndarray) -> Located:
         if self._token_bytes is None:
             return Located(ids, encoding=encoding)
-        ends = self._token_bytes.ends(ids, text)
+        char_bytes = None if text.isascii() else char_byte_offsets(text)
+        ends = self._token_bytes.ends(ids, len(text) if char_bytes is None else int(char_bytes[-1]))
         if ends is None:  # the byte lengths do not add up: ask the tokenizer for offsets
             encoding = self.backend.encode(text, add_special_tokens=False)
             return Located(np.asarray(encoding.ids, dtype=np.int32), encoding=encoding)
-        return Located(ids, ends=ends, text=text)
+        return Located(ids, ends=ends, char_bytes=char_bytes)
 
     def encode(self, examples: list[Example], stats: TokenizeStats) -> Iterator[Tokenized]:
         """Tokenize a batch of examples (in parallel, in Rust); yields the ones that fit, split
@@ -411,20 +411,19 @@ class ExampleEncoder:
                 begin, _, first, end = self._window(layout, example, cursor)
                 plan[begin, first, end] = len(pieces)
                 pieces.append(self._piece(example, layout.n_system, begin, first, end))
-                cursor = next((k for k, i in enumerate(layout.trained) if i > end), len(layout.trained))
+                cursor = _after(layout.trained, end)
             plans.append((layout, plan))
         kept, rendered = [], []
-        for piece in pieces:
+        for index, piece in enumerate(pieces):
             try:
                 rendered.append(self.render(piece))
-                kept.append(piece)
+                kept.append(index)
             except (ExampleRejected, TemplateError):
                 pass  # not tokenized ahead: `_fit` meets it again if it needs it, and reports it there
         located = self._locate_batch(rendered, self.tokenize(rendered)) if rendered else []
-        done = {id(p): Tokenized(found.ids, self._labels(found, r.trained_spans), p)
-                for p, r, found in zip(kept, rendered, located, strict=True)}
-        return [(layout, {key: done[id(pieces[i])] for key, i in plan.items() if id(pieces[i]) in done})
-                for layout, plan in plans]
+        done = {i: Tokenized(found.ids, self._labels(found, r.trained_spans), pieces[i])
+                for i, r, found in zip(kept, rendered, located, strict=True)}
+        return [(layout, {key: done[i] for key, i in plan.items() if i in done}) for layout, plan in plans]
 
     def _fit(self, example: Example, layout: _Layout, ready: dict, stats: TokenizeStats) -> Iterator[Tokenized]:
         messages, n_system, trained = example.messages, layout.n_system, layout.trained
@@ -451,7 +450,7 @@ class ExampleEncoder:
                 stats.context_truncated += 1
             pieces += 1
             yield tokenized
-            cursor = next((k for k, i in enumerate(trained) if i > end), len(trained))
+            cursor = _after(trained, end)
         if pieces > 1:
             stats.examples_split += 1
 
@@ -500,6 +499,11 @@ class _Layout:
     sizes: list[int]  # tokens per message, from the full encoding
     head: int  # tokens before the first non-system message
     trained: list[int]  # indices of the trained messages
+
+
+def _after(trained: list[int], end: int) -> int:
+    """The number of the first trained turn after message `end`: where the next piece starts."""
+    return next((k for k, i in enumerate(trained) if i > end), len(trained))
 
 
 def _reject(example: Example, reason: str) -> Reject:

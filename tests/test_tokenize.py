@@ -168,8 +168,9 @@ def test_byte_lengths_only_for_byte_level_tokenizers(byte_tokenizer, metaspace_t
     table = TokenBytes(byte_tokenizer.backend_tokenizer)
     ids = np.array(byte_tokenizer.encode("Hello <|im_end|> é", add_special_tokens=False), dtype=np.int32)
     table.learn(ids)
-    assert table.ends(ids, "Hello <|im_end|> é").tolist()[-1] == len("Hello <|im_end|> é".encode())
-    assert table.ends(ids, "Hello <|im_end|> e") is None  # one byte short: not this text
+    size = len("Hello <|im_end|> é".encode())
+    assert table.ends(ids, size).tolist()[-1] == size
+    assert table.ends(ids, size - 1) is None  # one byte short ("... e"): not this text
 
 
 def test_tokens_that_do_not_add_up_to_the_text_fall_back_to_offsets(byte_tokenizer):
@@ -257,7 +258,7 @@ def test_unknown_token_has_no_byte_length():
     ids = np.array(backend.encode(text).ids, dtype=np.int32)
     table = TokenBytes.of(backend)
     table.learn(ids)
-    assert table.ends(ids, text) is None  # so the text is located by offsets
+    assert table.ends(ids, len(text.encode())) is None  # so the text is located by offsets
     assert TokenBytes.of(byte_bpe({"a": 0}, byte_fallback=True)) is None
 
 
@@ -270,12 +271,12 @@ def test_token_ids_with_gaps():
     ids = np.array(backend.encode("ab a").ids, dtype=np.int32)
     table = TokenBytes.of(backend)
     table.learn(ids)
-    assert table.ends(ids, "ab a").tolist() == [2, 3, 4]
+    assert table.ends(ids, 4).tolist() == [2, 3, 4]
 
 
 def test_every_character_maps_to_the_token_char_to_token_names(byte_tokenizer):
     """Including characters whose bytes are split across tokens: the first token holding them."""
-    from dialogtune.tokenize import Located
+    from dialogtune.tokenize import Located, char_byte_offsets
 
     backend = byte_tokenizer.backend_tokenizer
     text = "x🎉 café 東京 a\u00a0b 𝔘𝔫"
@@ -283,7 +284,8 @@ def test_every_character_maps_to_the_token_char_to_token_names(byte_tokenizer):
     ids = np.array(encoding.ids, dtype=np.int32)
     table = TokenBytes.of(backend)
     table.learn(ids)
-    located = Located(ids, ends=table.ends(ids, text), text=text)
+    char_bytes = char_byte_offsets(text)
+    located = Located(ids, ends=table.ends(ids, int(char_bytes[-1])), char_bytes=char_bytes)
     for char in range(len(text)):
         assert located.token_at(char, len(text), 1) == encoding.char_to_token(char)
         assert located.token_at(char, -1, -1) == encoding.char_to_token(char)
