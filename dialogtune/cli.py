@@ -18,22 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dialogtune.config import ConfigError, TrainJobConfig, build_config, load_yaml, merge, parse_overrides
-from dialogtune.models import ModelError
-from dialogtune.readers import FORMATS, DataError
-from dialogtune.templates import TemplateError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean "your input or setup is wrong": a message, not a traceback."""
-    from dialogtune.train.collate import Seq2SeqRowError
-    from dialogtune.train.export import ExportError
-    from dialogtune.train.model import TrainSetupError
-    from dialogtune.train.run import RunError
-
-    return (*USER_ERRORS, TrainSetupError, RunError, ExportError, Seq2SeqRowError)
+from dialogtune.config import TrainJobConfig, build_config, load_yaml, merge, parse_overrides
+from dialogtune.errors import ConfigError, DialogtuneError
+from dialogtune.readers import FORMATS
 
 
 def _prepare_parser(sub) -> None:
@@ -230,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
-    except _user_errors() as err:
+    except DialogtuneError as err:  # input or setup the user can fix: a message, not a traceback
         print(f"dialogtune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,9 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    pass
+from dialogtune.errors import ConfigError
 
 
 class Strict(BaseModel):

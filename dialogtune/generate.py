@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dialogtune.errors import DataError
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
-from dialogtune.readers import DataError
 from dialogtune.readers._io import iter_jsonl
+from dialogtune.tokenize import IGNORE_INDEX
 
 
 def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[list[int]]]:
@@ -54,10 +55,10 @@ def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple
             ids = row["input_ids"][start:end]
             # Every trained turn is a sample: its context is everything before it.
             turn_start = None
-            for i, label in enumerate([*labels, -100]):
-                if label != -100 and turn_start is None:
+            for i, label in enumerate([*labels, IGNORE_INDEX]):
+                if label != IGNORE_INDEX and turn_start is None:
                     turn_start = i
-                elif label == -100 and turn_start is not None:
+                elif label == IGNORE_INDEX and turn_start is not None:
                     reference = chat.tokenizer.decode(ids[turn_start:i], skip_special_tokens=False)
                     records.append({"context": chat.tokenizer.decode(ids[:turn_start], skip_special_tokens=False),
                                     "reference": reference.split(chat.end_of_turn)[0].strip()})

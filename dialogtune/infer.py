@@ -7,7 +7,6 @@ a chat only processes the new tokens (time to first token does not grow with the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,10 @@ from typing import Any
 
 import torch
 
-from dialogtune.models import ModelError, load_tokenizer, resolve
-from dialogtune.templates import TemplateError, detect_end_of_turn
+from dialogtune.errors import ModelError, TemplateError
+from dialogtune.models import load_tokenizer, resolve
+from dialogtune.records import RunInfo, find_run_info
+from dialogtune.templates import detect_end_of_turn
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ChatModel:
     context_length: int
     name: str
     location: str  # where the tokenizer (with the training template) and model were loaded from
-    info: dict = field(default_factory=dict)  # the run's dialogtune.json; empty for a plain model
+    info: RunInfo | None = None  # the run's dialogtune.json; None for a plain model
     _criteria: dict = field(default_factory=dict)
 
     @property
@@ -89,14 +90,6 @@ class ChatModel:
         return self._criteria[key]
 
 
-def find_final(path: Path) -> Path | None:
-    """The directory holding dialogtune.json: the run's final/, or the path itself."""
-    for candidate in (path / "final", path):
-        if (candidate / "dialogtune.json").exists():
-            return candidate
-    return None
-
-
 def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> ChatModel:
     """A run directory, its final/ or merged/ directory, or any causal LM (its own chat template)."""
     from transformers import AutoModelForCausalLM
@@ -108,14 +101,14 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
         from transformers import BitsAndBytesConfig
 
         quantization["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    final = find_final(Path(name)) if Path(name).exists() else None
-    info = json.loads((final / "dialogtune.json").read_text()) if final else {}
+    final = find_run_info(Path(name)) if Path(name).exists() else None
+    info = RunInfo.load(final) if final else None
     location = str(final) if final else resolve(name)
     tokenizer = load_tokenizer(location)
     if final and (final / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(info["base_model_path"], **quantization)
+        base = AutoModelForCausalLM.from_pretrained(info.base_model_path, **quantization)
         model = PeftModel.from_pretrained(base, location)
     else:
         try:
@@ -123,16 +116,22 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
         except OSError as err:
             raise ModelError(f"cannot load a model from {location!r}: {err}") from err
     model.eval()
+    return chat_model(model, tokenizer, info, name=name, location=location)
+
+
+def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: str) -> ChatModel:
+    """The one way to pair a loaded model with how it must be prompted: the run's recorded
+    template, roles and stop strings, or for a plain model its own chat template."""
     template = tokenizer.chat_template
     if not template:
         raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
-    end_of_turn = info.get("end_of_turn") or detect_end_of_turn(tokenizer, template)
+    end_of_turn = info.end_of_turn if info else detect_end_of_turn(tokenizer, template)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     return ChatModel(
-        model=model, tokenizer=tokenizer, template=template, template_name=info.get("template", "model"),
-        end_of_turn=end_of_turn, stop_strings=info.get("stop_strings", [end_of_turn]),
-        speakers_as=info.get("speakers_as", ["assistant"]), system_prompt=info.get("system_prompt"),
+        model=model, tokenizer=tokenizer, template=template, template_name=info.template if info else "model",
+        end_of_turn=end_of_turn, stop_strings=info.stop_strings if info else [end_of_turn],
+        speakers_as=info.speakers_as if info else ["assistant"], system_prompt=info.system_prompt if info else None,
         context_length=int(context), name=name, location=location, info=info,
     )
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dialogtune.errors import DataError
 from dialogtune.models import load_tokenizer
-from dialogtune.prepare import load_manifest
-from dialogtune.readers import DataError
+from dialogtune.records import PreparedInfo
 from dialogtune.tokenize import IGNORE_INDEX
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -54,7 +54,7 @@ def render_marked(tokenizer, ids: np.ndarray, trained: np.ndarray, colour: bool)
 def inspect(directory: Path, index: int = 0, split: str = "train", colour: bool | None = None) -> str:
     import datasets
 
-    manifest = load_manifest(directory)
+    manifest = PreparedInfo.load(directory)
     path = Path(directory) / split
     if not path.exists():
         raise DataError(f"{directory}: no split {split!r}")
@@ -68,13 +68,13 @@ def inspect(directory: Path, index: int = 0, split: str = "train", colour: bool 
     trained = labels != IGNORE_INDEX
     bounds = example_bounds(record["position_ids"])
     member = bounds.index((start, end))
-    tokenizer = load_tokenizer(manifest["model"])
+    tokenizer = load_tokenizer(manifest.model)
     colour = sys.stdout.isatty() if colour is None else colour
     header = (
         f"{split} example {index} of {total} (dialogue {record['dialogue_ids'][member]}, row {row},"
         f" {len(bounds)} example(s) in the row)\n"
         f"tokens: {len(ids)}   trained: {int(trained.sum())} ({trained.mean():.1%})"
-        f"   template: {manifest['template']['name']}   end of turn: {manifest['template']['end_of_turn']!r}\n"
+        f"   template: {manifest.template.name}   end of turn: {manifest.template.end_of_turn!r}\n"
         + ("trained tokens in green" if colour else "trained tokens in [[double brackets]]")
         + "\n" + "-" * 72
     )

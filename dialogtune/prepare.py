@@ -14,9 +14,7 @@ import hashlib
 import json
 import re
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,18 +26,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import dialogtune
-from dialogtune.config import ConfigError, PrepareConfig
+from dialogtune.config import PrepareConfig
 from dialogtune.dialogue import Dialogue, Reject
+from dialogtune.errors import ConfigError, DataError, StrictError
+from dialogtune.files import staged_dir, write_json
 from dialogtune.models import load_tokenizer
 from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
-from dialogtune.readers import DataError, read_dialogues
+from dialogtune.readers import read_dialogues
 from dialogtune.readers._io import no_gc
+from dialogtune.records import PREPARED_FILE, PreparedInfo, TemplateInfo, TokenizerInfo
 from dialogtune.split import validation_groups
 from dialogtune.tasks import Example
 from dialogtune.tasks.respond import ALL_SPEAKERS, respond
 from dialogtune.tasks.summarize import summarize
 from dialogtune.templates import ChatTemplate, resolve_template
-from dialogtune.tokenize import ExampleEncoder, Tokenized, TokenizeStats
+from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, TokenizeStats
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
 # Part of the fingerprint: raise it whenever what `prepare` writes changes, so old caches are redone.
@@ -56,8 +57,6 @@ class Prepared:
     cache_hit: bool
 
 
-class StrictError(DataError):
-    pass
 
 
 # -- fingerprint --------------------------------------------------------------------
@@ -122,6 +121,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: is a file; the output must be a directory")
+    if out.exists() and not is_prepared_dataset(out):
+        raise DataError(f"{out}: exists and is not a prepared dataset; choose another output directory")
     for path in config.data.path:
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or directory")
@@ -133,7 +134,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     # Serialising the tokenizer to hash it takes about as long as tokenizing 256 dialogues: once.
     tokenizer_id = tokenizer_hash(tokenizer)
     key = fingerprint(config, tokenizer_id, template)
-    previous = out / "prepare.json"
+    previous = out / PREPARED_FILE
     cached = previous.exists() and (out / "stats.json").exists()
     if not force and cached and json.loads(previous.read_text()).get("fingerprint") == key:
         stats = json.loads((out / "stats.json").read_text())
@@ -215,8 +216,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                             + ", ".join(name for name, _ in speakers.most_common(12)) + ")")
     parts = {split: [t for t in tokenized if (t.example.group in held_out) == (split == "validation")]
              for split in SPLITS}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_parent(out)))
-    try:
+    with staged_dir(out, may_replace=is_prepared_dataset) as staging:
         split_stats = {split: write_split(staging / split, items, config, f"{key}-{split}")
                        for split, items in parts.items()}
         elapsed = time.perf_counter() - started
@@ -226,11 +226,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
             for reject in rejects:
                 fh.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
-        write_json(staging / "prepare.json", manifest(config, tokenizer, tokenizer_id, template, key, speakers))
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        manifest(config, tokenizer, tokenizer_id, template, key, speakers).save(staging)
     if not quiet:
         print(summary_line(out, stats))
     for warning in warnings:
@@ -257,7 +253,7 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, 
         # Named by the preparation's own fingerprint: datasets would otherwise hash the table (7 ms).
         datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(directory))
     tokens = int(sum(lengths))
-    trained = int(sum(int(np.count_nonzero(x != -100)) for x in labels))
+    trained = int(sum(int(np.count_nonzero(x != IGNORE_INDEX)) for x in labels))
     capacity = len(rows) * config.max_length
     return {
         "examples": len(items),
@@ -295,7 +291,7 @@ def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, spli
 
 
 def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: ChatTemplate, key: str,
-             speakers: Counter) -> dict:
+             speakers: Counter) -> PreparedInfo:
     """What training and inference need to reproduce this preparation exactly."""
     pad = tokenizer.pad_token_id
     pad_note = None
@@ -307,26 +303,14 @@ def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: Chat
     stops = [template.end_of_turn]
     if template.name == "transcript":
         stops += [f"\n{name}:" for name in speakers if name not in targets]
-    return {
-        "fingerprint": key,
-        "dialogtune_version": dialogtune.__version__,
-        "config": config.model_dump(mode="json", by_alias=True),
-        "model": config.model.name,
-        "tokenizer": {
-            "name_or_path": tokenizer.name_or_path,
-            "hash": tokenizer_id,
-            "vocab_size": len(tokenizer),
-            "pad_token_id": pad,
-            "pad_note": pad_note,
-            "eos_token": tokenizer.eos_token,
-        },
-        "template": {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn},
-        "task": config.task.name,
-        "speakers_as": targets,
-        "stop_strings": stops,
-        "max_length": config.max_length,
-        "pack": config.pack,
-    }
+    return PreparedInfo(
+        fingerprint=key, dialogtune_version=dialogtune.__version__,
+        config=config.model_dump(mode="json", by_alias=True), model=config.model.name,
+        tokenizer=TokenizerInfo(name_or_path=tokenizer.name_or_path, hash=tokenizer_id, vocab_size=len(tokenizer),
+                                pad_token_id=pad, pad_note=pad_note, eos_token=tokenizer.eos_token),
+        template=TemplateInfo(name=template.name, source=template.source, end_of_turn=template.end_of_turn),
+        task=config.task.name, speakers_as=targets, stop_strings=stops, max_length=config.max_length,
+        pack=config.pack)
 
 
 def reason_kind(reason: str) -> str:
@@ -369,29 +353,7 @@ def summary_line(out: Path, stats: dict[str, Any]) -> str:
     )
 
 
-# -- files --------------------------------------------------------------------------
-def _parent(out: Path) -> Path:
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return parent
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def replace_dir(staging: Path, out: Path) -> None:
-    """Swap the finished output into place; refuse to clobber a directory that is not ours."""
-    if out.exists():
-        if any(out.iterdir()) and not (out / "prepare.json").exists():
-            raise DataError(f"{out}: exists and is not a prepared dataset; choose another output directory")
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
-def load_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / "prepare.json"
-    if not path.exists():
-        raise DataError(f"{directory}: not a prepared dataset (no prepare.json); make one with `dialogtune prepare`")
-    return json.loads(path.read_text(encoding="utf-8"))
+def is_prepared_dataset(directory: Path) -> bool:
+    """Whether `directory` may be replaced by a new preparation: empty, or one of ours."""
+    return not any(directory.iterdir()) or (directory / PREPARED_FILE).exists()
 

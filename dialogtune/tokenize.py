@@ -26,8 +26,9 @@ from functools import cache
 import numpy as np
 
 from dialogtune.dialogue import Reject
+from dialogtune.errors import TemplateError
 from dialogtune.tasks import Example
-from dialogtune.templates import ChatTemplate, TemplateError, content_is_opaque, uses_names
+from dialogtune.templates import ChatTemplate, content_is_opaque, uses_names
 
 IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")

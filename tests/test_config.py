@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dialogtune.config import ConfigError, build_config, load_yaml, merge, parse_overrides
+from dialogtune.config import build_config, load_yaml, merge, parse_overrides
+from dialogtune.errors import ConfigError
 
 
 def test_minimal_config_gets_defaults():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from dialogtune.errors import DataError
 from dialogtune.inspect import GREEN, RESET, example_bounds, locate, render_marked
-from dialogtune.readers import DataError
 
 
 def test_example_bounds_follow_restarting_positions():

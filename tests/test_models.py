@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dialogtune import models
-from dialogtune.models import ModelError, load_tokenizer, resolve
+from dialogtune.errors import ModelError
+from dialogtune.models import load_tokenizer, resolve
 
 
 def test_other_names_pass_through():

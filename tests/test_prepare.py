@@ -7,9 +7,9 @@ import json
 import datasets
 import pytest
 
-from dialogtune.config import ConfigError, build_config
-from dialogtune.prepare import StrictError, prepare, tokenizer_hash
-from dialogtune.readers import DataError
+from dialogtune.config import build_config
+from dialogtune.errors import ConfigError, DataError, StrictError
+from dialogtune.prepare import prepare, tokenizer_hash
 from dialogtune.tokenize import IGNORE_INDEX
 
 TRANSCRIPT = """Narrator: no, this line is narration because of the speakers list.

@@ -9,7 +9,8 @@ import pytest
 from helpers import FIXTURES
 
 from dialogtune.dialogue import Dialogue
-from dialogtune.readers import FORMATS, DataError, detect_format, read_dialogues
+from dialogtune.errors import DataError
+from dialogtune.readers import FORMATS, detect_format, read_dialogues
 
 EXPECTED = {
     "msc_sample.json": "msc",

@@ -10,7 +10,8 @@ import pytest
 from helpers import FIXTURES, turn_pairs
 
 from dialogtune.dialogue import Dialogue, Reject
-from dialogtune.readers import DataError, endoftext
+from dialogtune.errors import DataError
+from dialogtune.readers import endoftext
 
 
 def test_json_list_of_samples():

@@ -9,7 +9,8 @@ import pytest
 from helpers import FIXTURES, SHARED_DATA
 
 from dialogtune.dialogue import Dialogue, Reject
-from dialogtune.readers import DataError, msc, read_dialogues
+from dialogtune.errors import DataError
+from dialogtune.readers import msc, read_dialogues
 
 MSC_REAL = SHARED_DATA / "msc" / "msc_dialog_samples.json"
 

@@ -8,7 +8,8 @@ import json
 import pytest
 from helpers import FIXTURES, SHARED_DATA, split_items, turn_pairs
 
-from dialogtune.readers import DataError, detect_format, read_dialogues, rows
+from dialogtune.errors import DataError
+from dialogtune.readers import detect_format, read_dialogues, rows
 
 SAMSUM_REAL = SHARED_DATA / "samsum" / "validation.json"
 

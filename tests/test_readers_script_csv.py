@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import FIXTURES, split_items, turn_pairs
 
-from dialogtune.readers import DataError, script_csv
+from dialogtune.errors import DataError
+from dialogtune.readers import script_csv
 
 SCRIPT = FIXTURES / "script.csv"
 CUSTOM = FIXTURES / "script_custom.csv"

@@ -9,7 +9,8 @@ import pytest
 from helpers import FIXTURES, SHARED_DATA, split_items
 
 from dialogtune.dialogue import Dialogue, Reject
-from dialogtune.readers import DataError, detect_format, read_dialogues, sgd
+from dialogtune.errors import DataError
+from dialogtune.readers import detect_format, read_dialogues, sgd
 
 SGD_DIR = FIXTURES / "sgd"
 SGD_DEV = SHARED_DATA / "sgd" / "dev"

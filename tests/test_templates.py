@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dialogtune.errors import TemplateError
 from dialogtune.tasks import Example, message
-from dialogtune.templates import SHIPPED, TemplateError, detect_end_of_turn, resolve_template, shipped_source
+from dialogtune.templates import SHIPPED, detect_end_of_turn, resolve_template, shipped_source
 from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder
 
 CONVERSATION = [

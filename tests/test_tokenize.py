@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dialogtune.errors import TemplateError
 from dialogtune.tasks import Example, message
 from dialogtune.templates import resolve_template
 from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, TokenBytes, TokenizeStats
@@ -90,7 +91,6 @@ def test_labels_are_int32_and_ids_match_labels(byte_tokenizer):
 
 
 def test_slow_tokenizer_is_refused(byte_tokenizer):
-    from dialogtune.templates import TemplateError
 
     class Slow:
         name_or_path = "slow-one"

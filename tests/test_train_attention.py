@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from dialogtune.collate import CausalCollator
+from dialogtune.loss import trained_loss
 from dialogtune.train.attention import (
     ATTENTION,
     restore_attention,
@@ -8,8 +10,6 @@ from dialogtune.train.attention import (
     segment_spans,
     use_segment_attention,
 )
-from dialogtune.train.collate import CausalCollator
-from dialogtune.train.loss import trained_loss
 
 
 def _tiny(kind: str = "llama", **extra):

@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from dialogtune.config import ConfigError, TrainJobConfig, build_config
-from dialogtune.readers import DataError
-from dialogtune.train.model import TrainSetupError
-from dialogtune.train.run import RunError, train
+from dialogtune.config import TrainJobConfig, build_config
+from dialogtune.errors import ConfigError, DataError, RunError
+from dialogtune.train.run import train
 
 QUESTIONS = ["Where is the station?", "What time is it?", "Can you book a table?", "Is it raining?",
              "How far is the museum?", "Do you like trains?"]
@@ -141,11 +140,11 @@ def test_configuration_errors_are_clear(tmp_path, tiny_model_dir):
         train(job(tmp_path, tiny_model_dir, train={"output_dir": "x"}), quiet=True)
     with pytest.raises(ConfigError, match=r"learnig_rate \(did you mean learning_rate\?\)"):
         train(job(tmp_path, tiny_model_dir, train={"learnig_rate": 1.0}), quiet=True)
-    with pytest.raises(TrainSetupError, match="needs a CUDA GPU"):
+    with pytest.raises(RunError, match="needs a CUDA GPU"):
         train(job(tmp_path, tiny_model_dir, method="qlora"), quiet=True)
-    with pytest.raises(TrainSetupError, match="precision: bf16 needs a CUDA GPU"):
+    with pytest.raises(RunError, match="precision: bf16 needs a CUDA GPU"):
         train(job(tmp_path, tiny_model_dir, precision="bf16"), quiet=True)
-    with pytest.raises(TrainSetupError, match=r"lora.target_modules: qkv not in this model; .*q_proj"):
+    with pytest.raises(RunError, match=r"lora.target_modules: qkv not in this model; .*q_proj"):
         train(job(tmp_path, tiny_model_dir, lora={"target_modules": ["qkv"]}), quiet=True)
 
 
@@ -158,7 +157,9 @@ def test_data_prepared_for_another_tokenizer_is_refused(tmp_path, tiny_model_dir
     prepare(build_config({**config.model_dump(by_alias=True), "model": {"name": str(other)}}), quiet=True)
     # Same output directory, different tokenizer: train re-prepares (the fingerprint includes the
     # tokenizer), so the refusal is for a manifest that does not match the model.
-    manifest = json.loads((tmp_path / "prepared" / "prepare.json").read_text())
+    from dialogtune.records import PreparedInfo
+
+    manifest = PreparedInfo.load(tmp_path / "prepared")
     from dialogtune.models import load_tokenizer
     from dialogtune.train.run import check_tokenizer
 
@@ -209,5 +210,5 @@ def test_seq2seq_bart_trains(tmp_path, tiny_bart_dir):
 
 
 def test_seq2seq_refuses_packed_data(tmp_path, tiny_bart_dir):
-    with pytest.raises(TrainSetupError, match="cannot train on packed rows"):
+    with pytest.raises(RunError, match="cannot train on packed rows"):
         train(job(tmp_path, tiny_bart_dir, method="full", template={"name": "user_assistant"}, pack=True), quiet=True)

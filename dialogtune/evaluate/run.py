@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from dialogtune.config import build_config, load_yaml
+from dialogtune.errors import DataError
 from dialogtune.evaluate import metrics
 from dialogtune.generate import generate_replies, prompts_from_prepared
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.prepare import prepare
-from dialogtune.readers import DataError
+from dialogtune.records import PreparedInfo
 
 MAIN_METRICS = {"summarize": ["rouge1", "rouge2", "rougeL"], "respond": ["bleu", "rougeL", "distinct2"]}
 
@@ -50,11 +51,11 @@ def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, o
     raw["task"] = {**raw.get("task", {}), "name": task}
     if task == "respond":
         raw["task"].setdefault("as", [s for s in chat.speakers_as if s] or ["assistant"])
-    elif info.get("instruction"):
-        raw["task"]["instruction"] = info["instruction"]
+    elif info and info.instruction:
+        raw["task"]["instruction"] = info.instruction
     raw.update(model={"name": chat.location}, output=str(out / "prepared"), pack=False,
                template={"name": "model", "end_of_turn": chat.end_of_turn},
-               max_length=info.get("max_length") or raw.get("max_length", 1024))
+               max_length=info.max_length if info else raw.get("max_length", 1024))
     config = build_config({k: v for k, v in raw.items()}, str(source))
     return prepare(config, quiet=True).directory, split_name
 
@@ -64,8 +65,8 @@ def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> t
     multi-session data: each trained turn's tokens count towards its session)."""
     import datasets
 
-    from dialogtune.train.collate import CausalCollator
-    from dialogtune.train.loss import token_losses
+    from dialogtune.collate import CausalCollator
+    from dialogtune.loss import token_losses
 
     rows = datasets.load_from_disk(str(split_dir))
     if limit is not None:
@@ -115,7 +116,7 @@ def evaluate(model: str, data: str | dict, task: str | None = None, split: str =
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
              quiet: bool = False) -> dict[str, Any]:
     chat = load_chat_model(model)
-    task = task or task_of(data) or chat.info.get("task") or "respond"
+    task = task or task_of(data) or (chat.info.task if chat.info else None) or "respond"
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
@@ -174,9 +175,9 @@ def build_report(model, task, results, total_loss, tokens, prepared: Path, sampl
                       stopped_share=round(sum(stopped) / max(len(stopped), 1), 4))
     else:
         scores.update(metrics.reply_metrics(predictions, references, stopped))
-    manifest = json.loads((prepared / "prepare.json").read_text())
+    manifest = PreparedInfo.load(prepared)
     return {"model": model, "task": task, "samples": len(results), "trained_tokens": tokens, "metrics": scores,
-            "data_fingerprint": manifest["fingerprint"], "data": manifest["config"]["data"]["path"],
+            "data_fingerprint": manifest.fingerprint, "data": manifest.config["data"]["path"],
             "decoding": {"greedy": sampling.temperature <= 0, **vars(sampling)},
             "timing": {"seconds": round(seconds, 1)}}
 

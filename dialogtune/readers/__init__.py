@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dialogtune.dialogue import Dialogue, Reject
+from dialogtune.errors import DataError
 from dialogtune.readers import endoftext, messages, msc, parlai, rows, script_csv, sgd, transcript
-from dialogtune.readers._io import DataError, base_suffix, open_text
+from dialogtune.readers._io import base_suffix, open_text
 
 Reader = Callable[..., Iterator[Dialogue | Reject]]
 

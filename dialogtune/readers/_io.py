@@ -11,9 +11,7 @@ from typing import IO, Any
 
 import orjson
 
-
-class DataError(ValueError):
-    """Input that cannot be read at all (as opposed to one bad record, which is a Reject)."""
+from dialogtune.errors import DataError
 
 
 def open_text(path: Path) -> IO[str]:

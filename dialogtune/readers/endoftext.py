@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dialogtune.dialogue import Dialogue, Reject, Turn
-from dialogtune.readers._io import DataError, base_suffix, load_json, open_text
+from dialogtune.errors import DataError
+from dialogtune.readers._io import base_suffix, load_json, open_text
 from dialogtune.textfix import clean_text
 
 SEPARATOR = "<|endoftext|>"

@@ -1,6 +1,10 @@
 """Chat `messages` JSONL, the ecosystem's common format: one conversation a line, as
 OpenAI `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`.
 A system message becomes the dialogue's system text; speakers are the roles (`user`, `assistant`).
+
+`content` is a string or, as OpenAI also allows, a list of parts: text parts are joined in order
+with nothing added between them (what the writer put in a part is kept exactly; TGI joins the
+same way, vLLM inserts a newline); any other part (an image, audio, a file) rejects the record.
 """
 
 from __future__ import annotations
@@ -26,6 +30,36 @@ def _records(path: Path):
             yield lineno, None, record, error
 
 
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def content_text(content: object) -> str:
+    """The text of an OpenAI message `content`: a string, or a list of `{"type": "text", "text": ...}`
+    parts joined in order with nothing between them. Raises ValueError naming the part types that
+    are not text (image_url, input_audio, file ...), or saying what is wrong with the shape."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"expected a string or a list of content parts, got {_json_type(content)}")
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"part {index} must be an object, got {_json_type(part)}")
+        if not isinstance(part.get("type"), str):
+            raise ValueError(f"part {index} must have a string 'type', got {_json_type(part.get('type'))}")
+    others = list(dict.fromkeys(part["type"] for part in content if part["type"] != "text"))
+    if others:
+        raise ValueError(f"part type(s) {', '.join(others)} not supported (only text parts are)")
+    for index, part in enumerate(content):
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"part {index} (text) must have a string 'text', got {_json_type(part.get('text'))}")
+    return "".join(part["text"] for part in content)
+
+
 def parse_messages(record: dict) -> list[tuple[str, str]] | str:
     """[(role, text)], or the reason the record cannot be used."""
     if isinstance(record.get("messages"), list):
@@ -41,10 +75,11 @@ def parse_messages(record: dict) -> list[tuple[str, str]] | str:
         role = SHAREGPT_ROLES.get(str(message.get(role_key)).lower())
         if role is None:
             return f"message {index}: unknown {role_key} {message.get(role_key)!r}"
-        content = message.get(text_key)
-        if not isinstance(content, str):
-            return f"message {index}: field {text_key!r} must be a string"
-        out.append((role, clean_text(content)))
+        try:
+            text = content_text(message.get(text_key))
+        except ValueError as err:
+            return f"message {index}: field {text_key!r}: {err}"
+        out.append((role, clean_text(text)))
     return out
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dialogtune.dialogue import Dialogue, Reject, Turn
-from dialogtune.readers._io import DataError, base_suffix, iter_jsonl, load_json, open_text
+from dialogtune.errors import DataError
+from dialogtune.readers._io import base_suffix, iter_jsonl, load_json, open_text
 from dialogtune.readers.transcript import split_speaker
 from dialogtune.textfix import clean_text
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dialogtune.dialogue import Dialogue, Reject, Turn
-from dialogtune.readers._io import DataError, load_json
+from dialogtune.errors import DataError
+from dialogtune.readers._io import load_json
 from dialogtune.textfix import clean_text
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
+from dialogtune.errors import TemplateError
+
 # name -> end-of-turn marker; "{eos}" stands for the tokenizer's EOS token.
 SHIPPED = {
     "chatml": "<|im_end|>",
@@ -22,8 +24,6 @@ SHIPPED = {
 MODEL_TEMPLATE = "model"  # the tokenizer's own chat template
 
 
-class TemplateError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

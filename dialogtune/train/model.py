@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from dialogtune.config import TrainJobConfig
-from dialogtune.models import ModelError, resolve
-
-
-class TrainSetupError(ValueError):
-    pass
+from dialogtune.errors import ModelError, RunError
+from dialogtune.models import resolve
 
 
 def pick_precision(requested: str) -> str:
@@ -20,7 +17,7 @@ def pick_precision(requested: str) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested in ("bf16", "fp16") and not on_gpu:
-        raise TrainSetupError(f"precision: {requested} needs a CUDA GPU and none is visible; use precision: fp32 (or auto)")
+        raise RunError(f"precision: {requested} needs a CUDA GPU and none is visible; use precision: fp32 (or auto)")
     return requested
 
 
@@ -31,12 +28,12 @@ def load_model(config: TrainJobConfig):
     location = resolve(config.model.name)
     if config.method == "qlora":
         if not torch.cuda.is_available():
-            raise TrainSetupError("method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a"
+            raise RunError("method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a"
                                   " CUDA GPU; none is visible here. Use method: lora on this machine.")
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise TrainSetupError("method: qlora needs bitsandbytes: pip install 'dialogtune[qlora]'"
+            raise RunError("method: qlora needs bitsandbytes: pip install 'dialogtune[qlora]'"
                                   " (or pip install bitsandbytes)")
     try:
         model_config = AutoConfig.from_pretrained(location)
@@ -73,7 +70,7 @@ def add_lora(model, config: TrainJobConfig):
         present = set(linear_module_names(model))
         missing = [t for t in wanted if t not in present]
         if missing:
-            raise TrainSetupError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules"
+            raise RunError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules"
                                   f" are: {', '.join(sorted(present))} (or use all-linear)")
         targets = wanted
     if config.method == "qlora":

@@ -24,15 +24,16 @@ from typing import Any
 import torch
 
 import dialogtune
-from dialogtune.config import ConfigError, TrainJobConfig
+from dialogtune.collate import CausalCollator, Seq2SeqCollator
+from dialogtune.config import TrainJobConfig
+from dialogtune.errors import ConfigError, DataError, RunError
+from dialogtune.loss import core_model
 from dialogtune.models import load_tokenizer
-from dialogtune.prepare import load_manifest, prepare, tokenizer_hash
-from dialogtune.readers import DataError
+from dialogtune.prepare import prepare, tokenizer_hash
+from dialogtune.records import PreparedInfo
 from dialogtune.train.attention import restore_attention, use_segment_attention
-from dialogtune.train.collate import CausalCollator, Seq2SeqCollator
-from dialogtune.train.loss import core_model
 from dialogtune.train.malloc import keep_freed_memory
-from dialogtune.train.model import TrainSetupError, load_model, pick_precision
+from dialogtune.train.model import load_model, pick_precision
 from dialogtune.train.report import MetricsWriter, read_metrics
 from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
 
@@ -45,8 +46,6 @@ PROTECTED = {
 RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
 
 
-class RunError(RuntimeError):
-    pass
 
 
 def run_identity(config: TrainJobConfig) -> dict[str, Any]:
@@ -104,10 +103,10 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
         raise ConfigError(f"train: {err}") from err
 
 
-def check_tokenizer(manifest: dict, tokenizer, model_name: str, prepared: Path) -> None:
-    made_with = manifest["tokenizer"]
-    if made_with["hash"] != tokenizer_hash(tokenizer):
-        raise DataError(f"{prepared} was prepared with the tokenizer of {made_with['name_or_path']!r}, not that of"
+def check_tokenizer(manifest: PreparedInfo, tokenizer, model_name: str, prepared: Path) -> None:
+    made_with = manifest.tokenizer
+    if made_with.hash != tokenizer_hash(tokenizer):
+        raise DataError(f"{prepared} was prepared with the tokenizer of {made_with.name_or_path!r}, not that of"
                         f" {model_name!r}; prepare it again for this model (dialogtune prepare --model {model_name})")
 
 
@@ -123,7 +122,7 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     precision = pick_precision(config.precision)
     with state.main_process_first():  # one process prepares; the others then find it cached
         prepared = prepare(config, quiet=quiet or not state.is_main_process)
-    manifest = load_manifest(prepared.directory)
+    manifest = PreparedInfo.load(prepared.directory)
     tokenizer = load_tokenizer(config.model.name)
     check_tokenizer(manifest, tokenizer, config.model.name, prepared.directory)
 
@@ -139,10 +138,10 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
 
     set_seed(args.seed)  # before the model: LoRA's initial weights are drawn as it is built
     model = load_model(config)
-    pad = manifest["tokenizer"]["pad_token_id"]
+    pad = manifest.tokenizer.pad_token_id
     seq2seq = model.config.is_encoder_decoder
-    if seq2seq and manifest["pack"]:
-        raise TrainSetupError("an encoder-decoder model cannot train on packed rows; prepare with pack: false")
+    if seq2seq and manifest.pack:
+        raise RunError("an encoder-decoder model cannot train on packed rows; prepare with pack: false")
     # Padding-free batches with attention inside each example, where the model passes the check.
     segments = not seq2seq and use_segment_attention(core_model(model))
     collator = Seq2SeqCollator(pad) if seq2seq else CausalCollator(pad, flatten=segments)
@@ -205,10 +204,10 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     return summary
 
 
-def write_run_record(run: Path, config: TrainJobConfig, prepared: Path, manifest: dict, precision: str) -> None:
+def write_run_record(run: Path, config: TrainJobConfig, prepared: Path, manifest: PreparedInfo, precision: str) -> None:
     (run / "run.json").write_text(json.dumps({
         "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
-        "prepared": str(prepared), "prepared_fingerprint": manifest["fingerprint"],
+        "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint,
         "precision": precision, "config": config.model_dump(mode="json", by_alias=True)}, indent=2) + "\n")
 
 
@@ -223,14 +222,12 @@ def sample_replies(model, tokenizer, manifest: dict, prepared: Path, split: str,
     """Greedy replies to the first `count` trained turns of a split, through the same path as
     `dialogtune generate` (the training template, roles and stop strings)."""
     from dialogtune.generate import generate_replies, prompts_from_prepared
-    from dialogtune.infer import ChatModel, Sampling
+    from dialogtune.infer import Sampling, chat_model
+    from dialogtune.records import RunInfo
 
     if count == 0:
         return []
-    chat = ChatModel(model=model, tokenizer=tokenizer, template=manifest["template"]["source"],
-                     template_name=manifest["template"]["name"], end_of_turn=manifest["template"]["end_of_turn"],
-                     stop_strings=manifest["stop_strings"], speakers_as=manifest["speakers_as"], system_prompt=None,
-                     context_length=manifest["max_length"], name=str(final), location=str(final))
+    chat = chat_model(model, tokenizer, RunInfo.load(final), name=str(final), location=str(final))
     model.eval()
     records, prompts = prompts_from_prepared(chat, prepared, split)
     replies = generate_replies(chat, prompts[:count], Sampling(temperature=0, max_new_tokens=48), quiet=True)

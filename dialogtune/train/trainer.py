@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from dialogtune.train.loss import core_model, trained_loss
+from dialogtune.loss import core_model, trained_loss
 
 STAGING = ".staging"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -53,7 +53,7 @@ class DialogTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = trained_loss(model, inputs)
         if model.training:
-            self.tokens_seen += int((inputs["labels"] != -100).numel())
+            self.tokens_seen += int(inputs["input_ids"].numel())
             self.trained_tokens_seen += int(count)
         divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = loss_sum / divisor

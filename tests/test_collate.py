@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dialogtune.train.collate import CausalCollator, Seq2SeqCollator, Seq2SeqRowError
+from dialogtune.collate import CausalCollator, Seq2SeqCollator
+from dialogtune.errors import DataError
 
 
 def test_causal_rows_are_padded_with_restarting_positions():
@@ -26,7 +27,7 @@ def test_seq2seq_splits_context_from_the_trained_reply():
 
 
 def test_seq2seq_refuses_rows_with_several_trained_turns():
-    with pytest.raises(Seq2SeqRowError, match=r"one trained reply at the end .* context: \{rounds: N\}"):
+    with pytest.raises(DataError, match=r"one trained reply at the end .* context: \{rounds: N\}"):
         Seq2SeqCollator(0)([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4]}])
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dialogtune.train.collate import CausalCollator
-from dialogtune.train.loss import full_logits_loss, trained_loss
+from dialogtune.collate import CausalCollator
+from dialogtune.loss import full_logits_loss, trained_loss
 
 
 def tiny_llama(vocab=97):
@@ -60,7 +60,7 @@ def test_collator_pads_as_a_separate_sequence_without_mask():
 
 
 def test_fused_chunked_head_equals_cross_entropy_in_value_and_gradients(monkeypatch):
-    from dialogtune.train import loss as loss_module
+    from dialogtune import loss as loss_module
 
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 97 * 3)  # 3 positions a chunk: 4 chunks for 11
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def test_fused_chunked_head_equals_cross_entropy_in_value_and_gradients(monkeypa
 
 
 def test_fused_head_computes_only_the_gradients_asked_for():
-    from dialogtune.train.loss import LinearCrossEntropy
+    from dialogtune.loss import LinearCrossEntropy
 
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(13, 8)  # frozen, as under LoRA

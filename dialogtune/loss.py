@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dialogtune.tokenize import IGNORE_INDEX
+
 # Models that transform logits after the head (soft-capping, scaling): computed the standard way.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 

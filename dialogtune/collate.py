@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from dialogtune.errors import DataError
+from dialogtune.tokenize import IGNORE_INDEX
 
 
 @dataclass
@@ -50,8 +51,6 @@ class CausalCollator:
                 "position_ids": torch.from_numpy(positions)}
 
 
-class Seq2SeqRowError(ValueError):
-    pass
 
 
 @dataclass
@@ -63,7 +62,7 @@ class Seq2SeqCollator:
         labels = np.asarray(row["labels"])
         trained = np.flatnonzero(labels != IGNORE_INDEX)
         if len(trained) == 0 or trained[-1] - trained[0] + 1 != len(trained):
-            raise Seq2SeqRowError(
+            raise DataError(
                 "an encoder-decoder model needs one trained reply at the end of each example; prepare with"
                 " context: {rounds: N} (or the summarize task) and pack: false")
         ids = list(row["input_ids"])
