@@ -1,0 +1,68 @@
+"""Outputs are written whole or not at all: staged, then renamed into place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dialogtune.files import staged_dir, write_json
+
+
+def test_new_directory_appears_only_when_the_block_ends(tmp_path):
+    target = tmp_path / "out"
+    with staged_dir(target) as staging:
+        (staging / "a.txt").write_text("new")
+        assert not target.exists()  # nothing half-written is visible under the target's name
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind
+
+
+def test_existing_directory_is_replaced_whole(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with staged_dir(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_error_leaves_the_old_directory_untouched(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), staged_dir(target) as staging:
+        (staging / "half.txt").write_text("half")
+        raise RuntimeError("disk full")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_directory_that_is_not_ours_is_not_replaced(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not ours"), staged_dir(target, may_replace=lambda p: False) as s:
+        (s / "new.txt").write_text("new")
+    assert (target / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_keep_existing_keeps_the_copy_that_finished_first(tmp_path):
+    target = tmp_path / "model"
+    with staged_dir(target, keep_existing=True) as staging:
+        (staging / "weights").write_text("mine")
+        target.mkdir()  # another process finished first
+        (target / "weights").write_text("theirs")
+    assert (target / "weights").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "stats.json"
+    write_json(path, {"a": 1})
+    write_json(path, {"b": "é"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"b": "é"}
+    assert "é" in path.read_text(encoding="utf-8")  # kept readable, not \u-escaped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]
