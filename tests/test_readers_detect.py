@@ -19,6 +19,8 @@ EXPECTED = {
     "transcript.txt": "transcript",
     "script.csv": "script_csv",
     "script_custom.csv": "script_csv",
+    "rick_and_morty.csv": "script_csv",
+    "dialogues_test.txt": "dailydialog",
     "pairs.jsonl": "rows",
     "pairs.csv": "rows",
     "samsum_like.json": "rows",
@@ -70,15 +72,16 @@ def test_unknown_format_lists_the_known_ones():
     with pytest.raises(DataError) as err:
         read_dialogues(FIXTURES / "transcript.txt", fmt="xml")
     assert str(err.value) == ("unknown format 'xml'; known formats: "
-                              "msc, endoftext, transcript, script_csv, rows, sgd, messages, parlai")
-    assert list(FORMATS) == ["msc", "endoftext", "transcript", "script_csv", "rows", "sgd", "messages", "parlai"]
+                              "msc, endoftext, transcript, script_csv, rows, sgd, messages, parlai, dailydialog")
+    assert list(FORMATS) == ["msc", "endoftext", "transcript", "script_csv", "rows", "sgd", "messages", "parlai",
+                             "dailydialog"]
 
 
 def test_undetectable_json_names_the_formats(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"learning_rate": 0.0001, "epochs": 3}')
     with pytest.raises(DataError, match=r"cannot tell the format; name it with --format \(msc, endoftext, "
-                                        r"transcript, script_csv, rows, sgd, messages, parlai\)"):
+                                        r"transcript, script_csv, rows, sgd, messages, parlai, dailydialog\)"):
         detect_format(path)
 
 
@@ -102,3 +105,12 @@ def test_parlai_field_layout_and_gzipped_name_suffix(tmp_path):
     with gzip.open(packed, "wt", encoding="utf-8") as fh:
         fh.write('{"input": "hi", "response": "hello"}\n')
     assert detect_format(packed) == "rows"
+
+
+def test_dailydialog_needs_most_lines_to_hold_markers(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("Ann: Did you see `__eou__` in that file?\nBen: Yes.\nAnn: Odd.\n")
+    assert detect_format(path) == "transcript"
+    path.write_text("2 tickets , please . __eou__ Here you are . __eou__\nBen: an odd line\n"
+                    "Hello . __eou__ Hi . __eou__\n")
+    assert detect_format(path) == "dailydialog"  # before parlai, which a leading number would suggest

@@ -10,6 +10,7 @@ from dialogtune.readers import script_csv
 
 SCRIPT = FIXTURES / "script.csv"
 CUSTOM = FIXTURES / "script_custom.csv"
+RICK_AND_MORTY = FIXTURES / "rick_and_morty.csv"  # the Kaggle scripts' header: index,season no.,episode no.,...
 
 
 
@@ -42,8 +43,71 @@ def test_bad_rows_are_rejected_with_their_line():
 
 
 def test_non_standard_columns_need_naming():
-    with pytest.raises(DataError, match=r"cannot find the speaker column among \['ep', 'who', 'said', 'notes'\]"):
+    with pytest.raises(DataError) as err:
         list(script_csv.read(CUSTOM))
+    assert str(err.value) == (
+        f"{CUSTOM}: cannot find the speaker column among ['ep', 'who', 'said', 'notes']; name it with"
+        " data.columns.speaker (looked for speaker, name, character, charactername, role, author,"
+        " ignoring case, spaces and punctuation)")
+
+
+def test_season_and_episode_columns_make_one_dialogue_per_episode():
+    dialogues, rejects = split_items(script_csv.read(RICK_AND_MORTY))
+    assert rejects == []
+    assert [(d.id, d.group, d.line, len(d.turns)) for d in dialogues] == [
+        ("rick_and_morty.csv#s1e1", "rick_and_morty.csv#s1e1", 2, 5),
+        ("rick_and_morty.csv#s1e2", "rick_and_morty.csv#s1e2", 7, 3),
+        ("rick_and_morty.csv#s2e1", "rick_and_morty.csv#s2e1", 10, 4),
+        ("rick_and_morty.csv#s2e2", "rick_and_morty.csv#s2e2", 14, 2),
+    ]
+    assert turn_pairs(dialogues[1]) == [
+        ("Jerry", "Snuffles, no! Bad dog."),
+        ("Rick", "Morty, can't you see he's just a dog? A dumb, dumb dog."),
+        ("Morty", 'He\'s not dumb, Rick. He\'s "learning".'),  # quoted commas and doubled quotes
+    ]
+    assert [t.meta["line"] for t in dialogues[1].turns] == [7, 8, 9]
+
+
+@pytest.mark.parametrize("header", [
+    "Season,Episode Number,Character,Dialogue",
+    "season_no,episode_id,speaker,text",
+    "SEASON NO.,Episode No.,Name,Line",
+    " season , episode ,character , line ",
+])
+def test_headers_match_whatever_their_case_spaces_and_punctuation(tmp_path, header):
+    # Episode 1 of season 1 straight after episode 1 of season 2: only the season tells them apart.
+    path = tmp_path / "show.csv"
+    path.write_text(f"{header}\n2,1,Ann,New season.\n2,1,Ben,Same old us.\n1,1,Ann,First ever line.\n")
+    dialogues, _ = split_items(script_csv.read(path))
+    assert [(d.id, turn_pairs(d)) for d in dialogues] == [
+        ("show.csv#s2e1", [("Ann", "New season."), ("Ben", "Same old us.")]),
+        ("show.csv#s1e1", [("Ann", "First ever line.")]),
+    ]
+
+
+def test_episode_names_as_written_when_not_whole_numbers(tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_text("season,episode,speaker,text\n1.0,3.0,Ann,From pandas.\nOne,Pilot,Ben,Named.\n")
+    dialogues, _ = split_items(script_csv.read(path))
+    assert [d.id for d in dialogues] == ["export.csv#s1e3", "export.csv#One/Pilot"]
+    # An episode's name is the last resort for telling episodes apart.
+    path.write_text("Episode Name,Character,Line\nPilot,Ann,Hi.\nFinale,Ben,Bye.\n")
+    dialogues, _ = split_items(script_csv.read(path))
+    assert [d.id for d in dialogues] == ["export.csv#Pilot", "export.csv#Finale"]
+
+
+def test_a_season_without_an_episode_column_does_not_group(tmp_path):
+    path = tmp_path / "seasons.csv"
+    path.write_text("season,speaker,text\n1,Ann,Hi.\n2,Ben,Bye.\n")
+    dialogues, _ = split_items(script_csv.read(path))
+    assert [(d.id, len(d.turns)) for d in dialogues] == [("seasons.csv#0", 2)]
+
+
+def test_explicit_episode_column_still_combines_with_the_detected_season():
+    columns = {"episode": "episode name", "speaker": "name", "text": "line"}
+    dialogues, _ = split_items(script_csv.read(RICK_AND_MORTY, columns=columns))
+    assert [d.id for d in dialogues] == ["rick_and_morty.csv#1/Pilot", "rick_and_morty.csv#1/Lawnmower Dog",
+                                         "rick_and_morty.csv#2/A Rickle in Time", "rick_and_morty.csv#2/Mortynight Run"]
 
 
 def test_explicit_columns():

@@ -109,3 +109,42 @@ def test_crlf_lines_and_narration_only_scenes(tmp_path):
         ("log.txt#scene0", 3, [("Ann", "Ready?"), ("Ben", "Always.")]),
         ("log.txt#scene1", 7, [("Ann", "Go!")]),
     ]
+
+
+def test_mostly_narration_is_noted_with_the_format_that_fits():
+    # DailyDialog read as a transcript: `Sure , it's 7:15` and `Note : ...` look like speaker tags.
+    dailydialog = FIXTURES / "dialogues_test.txt"
+    notes: list[str] = []
+    dialogues, _ = split_items(transcript.read(dailydialog, notes=notes))
+    assert [(d.id, d.speakers()) for d in dialogues] == [("dialogues_test.txt#scene0", ["Sure , it's 7", "Note"])]
+    assert notes == [(
+        f"{dailydialog}: 10 of 12 lines (83%) have no `Name:` speaker tag and were read as narration;"
+        " __eou__ turn separators in 10 of them: --format dailydialog"
+    )]
+
+
+def test_narration_note_names_other_formats_or_says_what_to_check(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_text('Ann: hello\n{"messages": []}\n{"messages": []}\nA<|endoftext|>B\n\nBen: hi\nJust prose.\n')
+    notes: list[str] = []
+    list(transcript.read(path, notes=notes))
+    assert notes == [(
+        f"{path}: 4 of 6 lines (67%) have no `Name:` speaker tag and were read as narration;"
+        " <|endoftext|> separators in 1 of them: --format endoftext;"
+        " JSON records in 2 of them: name the file .jsonl (messages, rows)"
+    )]
+    path.write_text("It was a dark night.\nThe wind howled.\nBob: Who's there?\n")
+    notes.clear()
+    list(transcript.read(path, notes=notes))
+    assert notes == [(
+        f"{path}: 2 of 3 lines (67%) have no `Name:` speaker tag and were read as narration; if it is not a"
+        " `Name: line` transcript, name its format with --format (dailydialog: `__eou__`-separated turns;"
+        " endoftext; parlai), or name the speakers with data.speakers"
+    )]
+
+
+def test_half_narration_or_less_is_not_noted():
+    notes: list[str] = []
+    list(transcript.read(TRANSCRIPT, notes=notes))
+    assert notes == []  # 3 narration lines of 12 (a `---` line is neither)
+    list(transcript.read(TRANSCRIPT))  # without a list to fill, nothing is noted anywhere

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.errors import DataError
-from dialogtune.readers import endoftext, messages, msc, parlai, rows, script_csv, sgd, transcript
+from dialogtune.readers import dailydialog, endoftext, messages, msc, parlai, rows, script_csv, sgd, transcript
 from dialogtune.readers._io import base_suffix, open_text
 
 Reader = Callable[..., Iterator[Dialogue | Reject]]
@@ -22,6 +22,7 @@ FORMATS: dict[str, Reader] = {
     "sgd": sgd.read,
     "messages": messages.read,
     "parlai": parlai.read,
+    "dailydialog": dailydialog.read,
 }
 
 __all__ = ["FORMATS", "DataError", "detect_format", "read_dialogues"]
@@ -30,6 +31,13 @@ __all__ = ["FORMATS", "DataError", "detect_format", "read_dialogues"]
 def _head(path: Path, size: int = 4096) -> str:
     with open_text(path) as fh:
         return fh.read(size)
+
+
+def _mostly_dailydialog(head: str) -> bool:
+    """Most lines hold `__eou__` markers. Decided before transcript: DailyDialog turns such as
+    `Sure , it's 7:15 now` would otherwise read as a `Name: line` transcript."""
+    lines = [line for line in head.splitlines() if line.strip()]
+    return sum(dailydialog.EOU in line for line in lines) * 2 > len(lines)
 
 
 def detect_format(path: Path) -> str:
@@ -61,6 +69,8 @@ def detect_format(path: Path) -> str:
         if '"input"' in head or '"dialogue"' in head:
             return "rows"
     else:
+        if _mostly_dailydialog(head):
+            return "dailydialog"
         if re.match(r"\d+ ", first_line) or first_line.startswith("text:"):
             return "parlai"
         if endoftext.SEPARATOR in head:

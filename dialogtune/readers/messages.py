@@ -44,20 +44,29 @@ def content_text(content: object) -> str:
     are not text (image_url, input_audio, file ...), or saying what is wrong with the shape."""
     if isinstance(content, str):
         return content
+    problem = _parts_problem(content)
+    if problem:
+        raise ValueError(problem)
+    return "".join(part["text"] for part in content)
+
+
+def _parts_problem(content: object) -> str | None:
+    """Why `content` is not a list of text parts, or None. Non-text parts are named before any
+    malformed text part: what the data holds matters more than a detail of one part."""
     if not isinstance(content, list):
-        raise ValueError(f"expected a string or a list of content parts, got {_json_type(content)}")
+        return f"expected a string or a list of content parts, got {_json_type(content)}"
     for index, part in enumerate(content):
         if not isinstance(part, dict):
-            raise ValueError(f"part {index} must be an object, got {_json_type(part)}")
+            return f"part {index} must be an object, got {_json_type(part)}"
         if not isinstance(part.get("type"), str):
-            raise ValueError(f"part {index} must have a string 'type', got {_json_type(part.get('type'))}")
+            return f"part {index} must have a string 'type', got {_json_type(part.get('type'))}"
     others = list(dict.fromkeys(part["type"] for part in content if part["type"] != "text"))
     if others:
-        raise ValueError(f"part type(s) {', '.join(others)} not supported (only text parts are)")
+        return f"part type(s) {', '.join(others)} not supported (only text parts are)"
     for index, part in enumerate(content):
         if not isinstance(part.get("text"), str):
-            raise ValueError(f"part {index} (text) must have a string 'text', got {_json_type(part.get('text'))}")
-    return "".join(part["text"] for part in content)
+            return f"part {index} (text) must have a string 'text', got {_json_type(part.get('text'))}"
+    return None
 
 
 def parse_messages(record: dict) -> list[tuple[str, str]] | str:

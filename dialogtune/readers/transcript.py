@@ -7,6 +7,8 @@
 - Other lines are narration: kept as turns without a speaker, so tasks can use them as context.
 - A blank line or a `---` line ends a scene; each scene is its own dialogue (and split group).
 - `(actions)` inside lines are kept, or removed with `actions: drop`.
+- When most lines are narration, the file is probably not a transcript at all (DailyDialog's
+  `__eou__` lines, say): a note saying so, with the formats that fit, goes to `notes`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dialogtune.dialogue import Dialogue, Reject, Turn
+from dialogtune.readers import dailydialog, endoftext
 from dialogtune.readers._io import open_text
 from dialogtune.textfix import clean_text
 
@@ -23,6 +26,12 @@ _TURN = re.compile(r"^\s*([^\W\d_][^:\n]{0,39}?)\s*:(.*)$")
 _SCENE_BREAK = re.compile(r"^\s*(-{3,}|\*{3,}|={3,})\s*$")
 _ACTION = re.compile(r"\s*\([^()]*\)\s*")
 MAX_NAME_WORDS = 4
+# Signs, in narration lines, of a file that is some other format: (sign, what to do about it).
+FORMAT_SIGNS = (
+    (lambda line: dailydialog.EOU in line, f"{dailydialog.EOU} turn separators in {{}}: --format dailydialog"),
+    (lambda line: endoftext.SEPARATOR in line, f"{endoftext.SEPARATOR} separators in {{}}: --format endoftext"),
+    (lambda line: line.lstrip().startswith("{"), "JSON records in {}: name the file .jsonl (messages, rows)"),
+)
 
 
 def split_speaker(line: str, speakers: list[str] | None) -> tuple[str, str] | None:
@@ -41,18 +50,34 @@ def split_speaker(line: str, speakers: list[str] | None) -> tuple[str, str] | No
     return name, match.group(2)
 
 
+def narration_note(path: Path, lines: int, narration: int, signs: list[int]) -> str | None:
+    """A warning when most lines are narration, naming the formats that would fit better."""
+    if narration * 2 <= lines:
+        return None
+    found = [remedy.format(f"{count} of them") for count, (_, remedy) in zip(signs, FORMAT_SIGNS, strict=True) if count]
+    advice = "; ".join(found) or (
+        "if it is not a `Name: line` transcript, name its format with --format (dailydialog: `__eou__`-separated"
+        " turns; endoftext; parlai), or name the speakers with data.speakers")
+    return (f"{path}: {narration} of {lines} lines ({narration / lines:.0%}) have no `Name:` speaker tag and were"
+            f" read as narration; {advice}")
+
+
 def read(
     path: Path,
     *,
     speakers: list[str] | None = None,
     actions: str = "keep",
+    notes: list[str] | None = None,
     **_: object,
 ) -> Iterator[Dialogue | Reject]:
+    """`notes`, when given, receives a note about the whole file once it has been read."""
     source = str(path)
     known = list(speakers) if speakers else None
     turns: list[Turn] = []
     scene_line = 1
     scene = 0
+    lines = narration = 0
+    signs = [0] * len(FORMAT_SIGNS)
 
     def flush() -> Iterator[Dialogue | Reject]:
         nonlocal turns, scene
@@ -71,8 +96,12 @@ def read(
                 yield from flush()
                 scene_line = lineno + 1
                 continue
+            lines += 1
             parsed = split_speaker(line, known)
             if parsed is None:
+                narration += 1
+                for index, (sign, _) in enumerate(FORMAT_SIGNS):
+                    signs[index] += sign(line)
                 text = clean_text(line)
                 turns.append(Turn(None, text, meta={"line": lineno}))
                 continue
@@ -85,3 +114,6 @@ def read(
                 continue
             turns.append(Turn(clean_text(name), text, meta={"line": lineno}))
     yield from flush()
+    note = narration_note(path, lines, narration, signs)
+    if note and notes is not None:
+        notes.append(note)
