@@ -107,6 +107,15 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return F.cross_entropy(logits, targets, reduction="none"), keep
 
 
+def seq2seq_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_losses` for encoder-decoder models (a batch from Seq2SeqCollator): each trained
+    decoder token's loss and where they are, a mask over the labels, shape (batch, target length)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                   use_cache=False).logits
+    keep = batch["labels"] != IGNORE_INDEX
+    return F.cross_entropy(logits[keep].float(), batch["labels"][keep], reduction="none"), keep
+
+
 def full_logits_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The standard computation (logits at every position), the reference for `trained_loss`."""
     core = core_model(model)

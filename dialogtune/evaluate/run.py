@@ -4,33 +4,53 @@
     dialogtune eval runs/sgd_respond --data examples/sgd_respond.yaml --limit 200
     dialogtune eval --compare smollm2-135m-instruct runs/samsum --data samsum_test.jsonl --task summarize
 
-The data is prepared exactly as for training (same tokenizer and template as the model), then
-every example's context up to its trained turn is a prompt and that turn the reference.
+The data is prepared as for training (same tokenizer and template as the model) but whole: no
+example is split or rejected for its length. Every trained turn is a sample: its context the
+prompt, the turn the reference. A context longer than the model can read (its context length
+less max_new_tokens) is cut from the left, keeping the system prompt and instruction and the
+end; report.json counts what was cut. Every model in a comparison is scored on the same samples
+(the same references, in the same order), or the comparison is refused.
 Generation is greedy unless sampling flags say otherwise, batched, streamed to
-predictions.jsonl as it goes, and resumable: a rerun skips the samples already done.
+predictions.jsonl as it goes, and resumable: a rerun skips the samples already done by the
+same model with the same decoding settings and prompt.
 Writes report.json (every metric, the model, a data fingerprint, the decoding settings, the
-sample count), report.md (a table and the 10 best and 10 worst samples) and predictions.jsonl.
+sample count, what was cut), report.md (a table and the 10 best and 10 worst samples) and
+predictions.jsonl.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from tqdm.auto import tqdm
 
 from dialogtune.config import build_config, load_yaml
-from dialogtune.errors import DataError
+from dialogtune.errors import ConfigError, DataError
 from dialogtune.evaluate import metrics
-from dialogtune.generate import generate_replies, prompts_from_prepared
+from dialogtune.evaluate.perplexity import SampleLoss, sample_losses
+from dialogtune.evaluate.report import (
+    MAIN_METRICS,
+    build_report,
+    cut_line,
+    format_table,
+    plot_comparison,
+    report_markdown,
+)
+from dialogtune.evaluate.samples import ContextFit, Sample, samples_of
+from dialogtune.files import write_json
+from dialogtune.generate import generate_replies
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.prepare import prepare
 from dialogtune.records import PreparedInfo
 
-MAIN_METRICS = {"summarize": ["rouge1", "rouge2", "rougeL"], "respond": ["bleu", "rougeL", "distinct2"]}
+# Evaluation prepares whole examples; fitting them into a model's context is done per model, per sample.
+NO_LENGTH_LIMIT = 1 << 30
 
 
 def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
@@ -49,52 +69,16 @@ def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, o
     else:
         raise DataError(f"{data}: no such file (give a YAML job config or a data file)")
     raw["task"] = {**raw.get("task", {}), "name": task}
+    if info and info.system_prompt:  # prompted as chat and generate prompt the run
+        raw["task"].setdefault("system_prompt", info.system_prompt)
     if task == "respond":
         raw["task"].setdefault("as", [s for s in chat.speakers_as if s] or ["assistant"])
     elif info and info.instruction:
         raw["task"]["instruction"] = info.instruction
     raw.update(model={"name": chat.location}, output=str(out / "prepared"), pack=False,
-               template={"name": "model", "end_of_turn": chat.end_of_turn},
-               max_length=info.max_length if info else raw.get("max_length", 1024))
-    config = build_config({k: v for k, v in raw.items()}, str(source))
+               template={"name": "model", "end_of_turn": chat.end_of_turn}, max_length=NO_LENGTH_LIMIT)
+    config = build_config(raw, str(source))
     return prepare(config, quiet=True).directory, split_name
-
-
-def trained_token_loss(chat: ChatModel, split_dir: Path, limit: int | None) -> tuple[float, int, dict]:
-    """Summed loss and count over the split's trained tokens, overall and per session (for
-    multi-session data: each trained turn's tokens count towards its session)."""
-    import datasets
-
-    from dialogtune.collate import CausalCollator
-    from dialogtune.loss import token_losses
-
-    rows = datasets.load_from_disk(str(split_dir))
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    collate = CausalCollator(chat.tokenizer.pad_token_id or chat.tokenizer.eos_token_id or 0)
-    total, count = 0.0, 0
-    sessions: dict[int, list[float]] = {}
-    with torch.no_grad():
-        for begin in range(0, len(rows), 8):
-            records = list(rows.select(range(begin, min(begin + 8, len(rows)))))
-            batch = {k: v.to(chat.model.device) for k, v in collate(records).items()}
-            losses, keep = token_losses(chat.model, batch)
-            total, count = total + float(losses.sum()), count + int(keep.sum())
-            per_row = losses.split(keep.sum(dim=1).tolist())
-            for record, row_keep, row_losses in zip(records, keep, per_row, strict=True):
-                # Runs of consecutive trained positions are the trained turns, in order.
-                starts = (row_keep.int().diff(prepend=torch.zeros(1, dtype=torch.int32, device=row_keep.device)) == 1)
-                turn_of_token = starts.cumsum(0)[row_keep] - 1
-                turn_sessions = record.get("turn_sessions") or []
-                if len(turn_sessions) != int(starts.sum()):
-                    continue  # turns that touch (no untrained token between): no per-session split
-                for turn, session in enumerate(turn_sessions):
-                    if session >= 0:
-                        mine = row_losses[turn_of_token == turn]
-                        entry = sessions.setdefault(session, [0.0, 0])
-                        entry[0] += float(mine.sum())
-                        entry[1] += int(mine.numel())
-    return total, count, sessions
 
 
 def task_of(data: str | dict) -> str | None:
@@ -107,132 +91,199 @@ def task_of(data: str | dict) -> str | None:
     return task.get("name") if isinstance(task, dict) else None
 
 
-def sample_key(index: int, prompt: list[int], reference: str) -> str:
-    """What a finished prediction is valid for: this sample, at this place, with this prompt."""
-    return hashlib.sha1(json.dumps([index, prompt, reference]).encode()).hexdigest()[:16]
+def prediction_key(chat: ChatModel, sampling: Sampling, index: int, prompt: list[int], reference: str) -> str:
+    """What a finished prediction is valid for: this model and decoding, this sample at this
+    place, with this prompt."""
+    identity = [chat.location, vars(sampling), index, prompt, reference]
+    return hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:16]
 
 
-def evaluate(model: str, data: str | dict, task: str | None = None, split: str = "validation", limit: int | None = None,
-             out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
-             quiet: bool = False) -> dict[str, Any]:
+@dataclass
+class Evaluation:
+    """One model and the samples it is to be scored on."""
+
+    model: str
+    chat: ChatModel
+    task: str
+    prepared: Path
+    samples: list[Sample]
+    fit: ContextFit
+    out: Path
+
+
+def load_evaluation(model: str, data: str | dict, task: str | None, split: str, limit: int | None,
+                    out: Path | None) -> Evaluation:
+    import datasets
+
     chat = load_chat_model(model)
     task = task or task_of(data) or (chat.info.task if chat.info else None) or "respond"
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
-    sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
     out = Path(out or Path(model.rstrip("/")) / "eval" / (Path(data).stem if isinstance(data, str) else "validation"))
     out.mkdir(parents=True, exist_ok=True)
     prepared, split = prepare_for(chat, data, task, split, out)
     if not (prepared / split).exists():
         raise DataError(f"{prepared}: no {split} split (the data has too few dialogues to hold some out?)")
-    records, prompts = prompts_from_prepared(chat, prepared, split)
-    if limit is not None:
-        records, prompts = records[:limit], prompts[:limit]
-    keys = [sample_key(i, p, r["reference"]) for i, (p, r) in enumerate(zip(prompts, records, strict=True))]
-    predictions_path = out / "predictions.jsonl"
-    done = {}
-    if predictions_path.exists():  # resume: keep finished samples whose prompt and reference still match
-        for line in predictions_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["key"]] = record
-    todo = [i for i, key in enumerate(keys) if key not in done]
-    started = time.perf_counter()
-    with open(predictions_path, "a", encoding="utf-8") as fh:
-        for begin in range(0, len(todo), batch_size * 4):  # written every few batches: an interrupted run loses little
-            chunk = todo[begin : begin + batch_size * 4]
-            replies = generate_replies(chat, [prompts[i] for i in chunk], sampling, batch_size, quiet=True)
-            for i, (reply, stopped) in zip(chunk, replies, strict=True):
-                record = {"index": i, "key": keys[i], **records[i], "prediction": reply, "stopped": stopped}
-                done[keys[i]] = record
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            if not quiet:
-                print(f"eval: {len(done)} of {len(keys)} samples", flush=True)
-    results = [done[key] for key in keys]
-    total, count, sessions = trained_token_loss(chat, prepared / split, limit)
-    report = build_report(model, task, results, total, count, prepared, sampling, time.perf_counter() - started)
-    if sessions:
-        report["metrics_per_session"] = {str(s): {"perplexity": round(metrics.perplexity(loss, n), 4), "tokens": n}
-                                         for s, (loss, n) in sorted(sessions.items())}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(report, results))
+    rows = datasets.load_from_disk(str(prepared / split))
+    samples = samples_of(rows, chat.tokenizer, chat.end_of_turn, limit)
+    task_config = PreparedInfo.load(prepared).config["task"]
+    kept = (task_config.get("system_prompt") or "", task_config["instruction"] if task == "summarize" else "")
+    return Evaluation(model, chat, task, prepared, samples, ContextFit(chat.tokenizer, kept), out)
+
+
+def prompt_limit(chat: ChatModel, sampling: Sampling) -> int:
+    """The longest prompt the model can read: an encoder reads the prompt alone; a decoder-only
+    model must also hold the reply."""
+    if chat.is_encoder_decoder:
+        return chat.context_length
+    if sampling.max_new_tokens >= chat.context_length:
+        raise ConfigError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt: {chat.name}"
+                          f" reads at most {chat.context_length} tokens")
+    return chat.context_length - sampling.max_new_tokens
+
+
+def evaluate(model: str, data: str | dict, task: str | None = None, split: str = "validation", limit: int | None = None,
+             out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
+             quiet: bool = False) -> dict[str, Any]:
+    evaluation = load_evaluation(model, data, task, split, limit, out)
+    report = score(evaluation, sampling or Sampling(temperature=0, max_new_tokens=128), batch_size, quiet)
     if not quiet:
         print(format_table([report]))
-        print(f"report: {out / 'report.md'}")
+        print(f"report: {evaluation.out / 'report.md'}")
     return report
 
 
-def build_report(model, task, results, total_loss, tokens, prepared: Path, sampling: Sampling, seconds) -> dict:
-    predictions = [r["prediction"] for r in results]
-    references = [r["reference"] for r in results]
-    stopped = [r["stopped"] for r in results]
-    scores: dict[str, Any] = {"perplexity": round(metrics.perplexity(total_loss, tokens), 4),
-                              "loss": round(total_loss / tokens, 6) if tokens else None}
-    if task == "summarize":
-        scores.update(metrics.rouge(predictions, references))
-        scores.update(avg_words=round(sum(len(p.split()) for p in predictions) / max(len(predictions), 1), 2),
-                      stopped_share=round(sum(stopped) / max(len(stopped), 1), 4))
-    else:
-        scores.update(metrics.reply_metrics(predictions, references, stopped))
-    manifest = PreparedInfo.load(prepared)
-    return {"model": model, "task": task, "samples": len(results), "trained_tokens": tokens, "metrics": scores,
-            "data_fingerprint": manifest.fingerprint, "data": manifest.config["data"]["path"],
-            "decoding": {"greedy": sampling.temperature <= 0, **vars(sampling)},
-            "timing": {"seconds": round(seconds, 1)}}
+def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bool) -> dict[str, Any]:
+    """Generate for every sample (resuming), score the references' loss, write the reports."""
+    chat, samples = evaluation.chat, evaluation.samples
+    limit = prompt_limit(chat, sampling)
+    prompts = [evaluation.fit(s.context_ids, limit) for s in samples]
+    started = time.perf_counter()
+    results = generate_all(evaluation, prompts, sampling, batch_size, quiet)
+    losses = sample_losses(chat, samples, evaluation.fit, batch_size)
+    prompt_cuts = [len(s.context_ids) - len(p) for s, p in zip(samples, prompts, strict=True)]
+    cut = {"context_length": chat.context_length, "prompt_limit": limit,
+           "samples": sum(n > 0 for n in prompt_cuts), "tokens": sum(prompt_cuts),
+           "loss_samples": sum(s.cut > 0 for s in losses), "loss_tokens": sum(s.cut for s in losses)}
+    report = build_report(evaluation.model, evaluation.task, results, sum(s.loss for s in losses),
+                          sum(s.tokens for s in losses), evaluation.prepared, sampling, cut,
+                          time.perf_counter() - started)
+    sessions = per_session(samples, losses)
+    if sessions:
+        report["metrics_per_session"] = sessions
+    write_json(evaluation.out / "report.json", report)
+    (evaluation.out / "report.md").write_text(report_markdown(report, results))
+    if not quiet and cut_line(report):
+        print(cut_line(report))
+    return report
 
 
-def report_markdown(report: dict, results: list[dict]) -> str:
-    ranked = sorted(results, key=lambda r: metrics.rouge_l(r["prediction"], r["reference"]))
+def generate_all(evaluation: Evaluation, prompts: list[list[int]], sampling: Sampling, batch_size: int,
+                 quiet: bool) -> list[dict]:
+    """Every sample's prediction: those in predictions.jsonl whose prompt and reference still
+    match are kept, the rest generated (shortest prompts first, so a batch wastes little on
+    padding) and appended batch by batch, so an interrupted run loses at most one batch."""
+    chat, samples = evaluation.chat, evaluation.samples
+    keys = [prediction_key(chat, sampling, s.index, p, s.reference) for s, p in zip(samples, prompts, strict=True)]
+    path = evaluation.out / "predictions.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[record["key"]] = record
+    todo = sorted((i for i, key in enumerate(keys) if key not in done), key=lambda i: len(prompts[i]))
+    bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=evaluation.model, unit=" samples",
+               disable=quiet or None, dynamic_ncols=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for begin in range(0, len(todo), batch_size):
+            batch = todo[begin : begin + batch_size]
+            replies = generate_replies(chat, [prompts[i] for i in batch], sampling, batch_size, quiet=True)
+            for i, (reply, stopped) in zip(batch, replies, strict=True):
+                record = {"index": i, "key": keys[i], "reference": samples[i].reference,
+                          "context": chat.tokenizer.decode(prompts[i], skip_special_tokens=False),
+                          "context_cut": len(samples[i].context_ids) - len(prompts[i]),
+                          "prediction": reply, "stopped": stopped}
+                done[keys[i]] = record
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.update(len(batch))
+    bar.close()
+    results = [done[key] for key in keys]
+    write_jsonl(path, results)  # in sample order, without stale predictions for prompts that changed
+    return results
 
-    def block(title: str, items: list[dict]) -> str:
-        parts = [f"## {title}\n"]
-        for r in items:
-            context = r["context"][-400:].replace("\n", " ⏎ ")
-            parts.append(f"**sample {r['index']}** (ROUGE-L {metrics.rouge_l(r['prediction'], r['reference']):.1f})\n\n"
-                         f"- context: …{context}\n- reference: {r['reference']}\n- prediction: {r['prediction']}\n")
-        return "\n".join(parts)
 
-    return (f"# Evaluation of {report['model']} ({report['task']})\n\n{report['samples']} samples, data"
-            f" fingerprint {report['data_fingerprint']}, greedy: {report['decoding']['greedy']}\n\n"
-            + format_table([report]) + "\n\n" + block("10 best", ranked[::-1][:10]) + "\n" + block("10 worst", ranked[:10]))
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """A JSONL file replaced whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
 
 
-def format_table(reports: list[dict]) -> str:
-    names = list(dict.fromkeys(k for r in reports for k, v in r["metrics"].items() if v is not None))
-    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for r in reports:
-        values = [r["metrics"].get(n) for n in names]
-        lines.append(f"| {r['model']} | " + " | ".join("" if v is None else f"{v:g}" for v in values) + " |")
-    return "\n".join(lines)
+def per_session(samples: list[Sample], losses: list[SampleLoss]) -> dict[str, dict]:
+    """Perplexity per session, for multi-session data (each trained turn counts towards its own)."""
+    sessions: dict[int, list[float]] = {}
+    for sample, loss in zip(samples, losses, strict=True):
+        if sample.session >= 0:
+            entry = sessions.setdefault(sample.session, [0.0, 0])
+            entry[0] += loss.loss
+            entry[1] += loss.tokens
+    return {str(s): {"perplexity": round(metrics.perplexity(total, n), 4), "tokens": n}
+            for s, (total, n) in sorted(sessions.items())}
 
 
-def compare(models: list[str], data: str, task: str | None, out: Path, **kwargs) -> list[dict]:
-    reports = [evaluate(m, data, task, out=out / Path(m.rstrip("/")).name, quiet=True, **kwargs) for m in models]
+@dataclass(frozen=True)
+class SampleSet:
+    """What a model is scored on, as far as comparing it with another needs."""
+
+    model: str
+    task: str
+    keys: list[tuple[int, str]]  # (index, reference): the same for any tokenizer
+    rejects: Path
+
+    @classmethod
+    def of(cls, evaluation: Evaluation) -> SampleSet:
+        return cls(evaluation.model, evaluation.task, [s.key for s in evaluation.samples],
+                   evaluation.prepared / "rejects.jsonl")
+
+    def require_same(self, other: SampleSet) -> None:
+        if other.task != self.task:
+            raise ConfigError(f"--compare: {self.model} would be evaluated on {self.task} and {other.model} on"
+                              f" {other.task}; name one task with --task")
+        if other.keys == self.keys:
+            return
+        first = next(i for i, (a, b) in enumerate(zip([*self.keys, None], [*other.keys, None])) if a != b)
+
+        def at(keys: list) -> str:
+            return repr(keys[first][1][:60]) if first < len(keys) else "nothing"
+
+        raise DataError(
+            f"--compare: {self.model} has {len(self.keys)} samples and {other.model} {len(other.keys)}, and they"
+            f" differ from sample {first} on (reference {at(self.keys)} vs {at(other.keys)}); models can only be"
+            f" compared on the same samples (see what each preparation rejected: {self.rejects}, {other.rejects})")
+
+
+def compare(models: list[str], data: str, task: str | None, out: Path, split: str = "validation",
+            limit: int | None = None, sampling: Sampling | None = None, batch_size: int = 8) -> list[dict]:
+    """Evaluate each model in turn (one in memory at a time), each on the same samples."""
+    sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
+    reports, first = [], None
+    for model, directory in zip(models, output_dirs(models, out), strict=True):
+        evaluation = load_evaluation(model, data, task, split, limit, directory)
+        samples = SampleSet.of(evaluation)
+        first = first or samples
+        first.require_same(samples)
+        reports.append(score(evaluation, sampling, batch_size, quiet=False))
+        del evaluation  # frees the model before the next one loads
     print(format_table(reports))
     plot_comparison(reports, out / "compare.png")
     print(f"chart: {out / 'compare.png'}")
     return reports
 
 
-def plot_comparison(reports: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = MAIN_METRICS[reports[0]["task"]]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    width = 0.8 / len(reports)
-    for i, report in enumerate(reports):
-        values = [report["metrics"].get(n) or 0 for n in names]
-        bars = ax.bar([j + i * width for j in range(len(names))], values, width, label=report["model"])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(names))], names)
-    ax.set_ylabel("score")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{reports[0]['task']}: {reports[0]['samples']} samples")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+def output_dirs(models: list[str], out: Path) -> list[Path]:
+    """A directory per model, by its name, numbered where names repeat (runs/a/final, runs/b/final):
+    one model must never resume from another's predictions."""
+    names = [Path(model.rstrip("/")).name for model in models]
+    return [out / (name if names.count(name) == 1 else f"{i + 1}-{name}") for i, name in enumerate(names)]
