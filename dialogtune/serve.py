@@ -6,10 +6,11 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
     client.chat.completions.create(model="sgd_respond", messages=[{"role": "user", "content": "Hi"}])
 
-Endpoints: POST /v1/chat/completions (with `stream: true` as server-sent events), GET
-/v1/models, GET /health, GET / (the chat page). Prompts are rendered with the run's training
-template. One reply is generated at a time; up to `--queue` requests wait, more get a 503.
-Binds to 127.0.0.1 unless told otherwise.
+Endpoints: POST /v1/chat/completions (with `stream: true` as server-sent events, kept alive by
+pings; a client that disconnects stops its generation), GET /v1/models, GET /health, GET / (the
+chat page). A message's `content` is a string or a list of text parts. Prompts are rendered
+with the run's training template. One reply is generated at a time; up to `--queue` requests
+wait, more get a 503. Binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ from typing import Any, Literal
 
 # At module level: FastAPI reads the handlers' annotations (`request: Request`) from here.
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sse_starlette import EventSourceResponse
 
 from dialogtune.infer import ChatModel, Conversation, Sampling
+from dialogtune.readers.messages import content_text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: object) -> str:
+        return content_text(content)  # its ValueError (naming the parts that are not text) becomes the 400
 
 
 class CompletionRequest(BaseModel):
@@ -80,17 +88,19 @@ class Generator:
         with self.lock:
             self.waiting -= 1
 
-    def run(self, request: CompletionRequest, max_tokens: int, on_text) -> Any:
+    def run(self, request: CompletionRequest, max_tokens: int, on_text=None,
+            cancel: threading.Event | None = None) -> Any:
         system = "\n".join(m.content for m in request.messages if m.role == "system") or self.chat.system_prompt
         conversation = Conversation(self.chat, system_prompt=system, reuse_cache=False)
         conversation.messages.extend({"role": m.role, "content": m.content} for m in request.messages
                                      if m.role != "system")
         sampling = Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p,
                             max_new_tokens=max_tokens, seed=request.seed)
-        return conversation.respond(sampling, on_text, max_time=self.timeout)
+        return conversation.respond(sampling, on_text, max_time=self.timeout, cancel=cancel)
 
 
 DEFAULT_MAX_TOKENS = 256
+PING_SECONDS = 15  # a comment line now and then keeps proxies from closing a stream that waits in the queue
 
 
 def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) -> int:
@@ -102,7 +112,7 @@ def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) ->
     prompt = chat.render([{"role": m.role, "content": m.content} for m in request.messages])
     length = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     asked = request.max_completion_tokens or request.max_tokens
-    room = chat.context_length - length
+    room = chat.reply_room(length)
     if room < 1 or (asked is not None and asked > room):
         raise ApiError(400, f"the prompt has {length} tokens; with max_tokens={asked or 1} it exceeds the"
                             f" model's context of {chat.context_length}", param="messages")
@@ -153,7 +163,8 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+            said = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+            raise ApiError(400, f"{where}: {said}", param=where) from None
         except ValueError as err:
             raise ApiError(400, f"the body is not valid JSON: {err}") from None
         max_tokens = check_request(chat, model_id, body)
@@ -163,7 +174,7 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
         loop = asyncio.get_running_loop()
         if not body.stream:
             try:
-                reply = await loop.run_in_executor(generator.executor, generator.run, body, max_tokens, None)
+                reply = await loop.run_in_executor(generator.executor, generator.run, body, max_tokens)
             finally:
                 generator.release()
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
@@ -173,16 +184,16 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
                               "total_tokens": reply.prompt_tokens + reply.new_tokens}}
 
         pieces: asyncio.Queue = asyncio.Queue()
+        client_gone = threading.Event()
 
         def chunk(delta: dict, finish: str | None = None) -> str:
-            return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_id, "choices": [{"index": 0, "delta": delta,
-                                                                          "finish_reason": finish}]}) + "\n\n"
+            return json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                               "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         def work():
             try:
-                reply = generator.run(body, max_tokens,
-                                      lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+                reply = generator.run(body, max_tokens, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
+                                      cancel=client_gone)
                 loop.call_soon_threadsafe(pieces.put_nowait, reply)
             except Exception as err:  # noqa: BLE001  reported in the stream, never raised into the server
                 loop.call_soon_threadsafe(pieces.put_nowait, err)
@@ -192,38 +203,40 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
         loop.run_in_executor(generator.executor, work)
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            first = True
-            while True:
-                item = await pieces.get()
-                if isinstance(item, str):
-                    text = item.lstrip() if first else item
-                    if text:
-                        first = False
-                        yield chunk({"content": text})
-                elif isinstance(item, Exception):
-                    yield "data: " + json.dumps(ApiError(500, str(item), "server_error").body()) + "\n\n"
-                    break
-                else:
-                    yield chunk({}, "stop" if item.stopped else "length")
-                    break
-            yield "data: [DONE]\n\n"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                first = True
+                while True:
+                    item = await pieces.get()
+                    if isinstance(item, str):
+                        text = item.lstrip() if first else item
+                        if text:
+                            first = False
+                            yield chunk({"content": text})
+                    elif isinstance(item, Exception):
+                        yield json.dumps(ApiError(500, str(item), "server_error").body())
+                        break
+                    else:
+                        yield chunk({}, "stop" if item.stopped else "length")
+                        break
+                yield "[DONE]"
+            finally:  # also when sse-starlette cancels this on a disconnect: the reply is no longer wanted
+                client_gone.set()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventSourceResponse(events(), ping=PING_SECONDS)
 
     return app
 
 
-def run_serve(args) -> int:
+def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0) -> int:
     import uvicorn
 
     from dialogtune.infer import load_chat_model
 
-    chat = load_chat_model(args.model)
-    model_id = args.model_id or Path(args.model.rstrip("/")).name
-    app = create_app(chat, model_id, api_key=args.api_key, queue_size=args.queue, timeout=args.timeout)
-    print(f"serving {args.model} as {model_id!r} on http://{args.host}:{args.port}  (chat page at /,"
-          f" OpenAI API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    chat = load_chat_model(model)
+    model_id = model_id or Path(model.rstrip("/")).name
+    app = create_app(chat, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout)
+    print(f"serving {model} as {model_id!r} on http://{host}:{port}  (chat page at /, OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

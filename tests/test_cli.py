@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import yaml
 
 from dialogtune.cli import main
 
@@ -68,3 +71,20 @@ def test_unknown_format_lists_the_known_ones(tmp_path, tiny_model_dir, capsys):
                  "--set", "data.format=tsv", "-o", str(tmp_path / "o")])
     assert code == 2
     assert "unknown format 'tsv'; known formats: msc, endoftext, transcript" in capsys.readouterr().err
+
+
+def test_train_prints_the_summary_with_a_sample_reply(tmp_path, tiny_model_dir, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(write_chats(tmp_path))}, "task": {"as": "assistant"}, "split": {"validation": 0.5},
+        "model": {"name": str(tiny_model_dir)}, "template": {"name": "chatml"}, "max_length": 64,
+        "output": str(tmp_path / "prepared"), "train": {"max_steps": 2, "logging_steps": 1, "report_to": []},
+        "run_dir": str(tmp_path / "run"), "samples": 1}))
+    assert main(["train", str(config)]) == 0
+    shown = capsys.readouterr().out
+    [sample] = json.loads((tmp_path / "run" / "summary.json").read_text())["samples"]
+    question = sample["context"]
+    assert re.fullmatch(r"Question \d\?", question)  # the user turn answered, not the system prompt
+    assert sample["reference"] == question.replace("Question", "Answer").replace("?", ".")
+    assert re.search(r"; last train loss \d+\.\d{4}; skipped steps 0\n", shown)
+    assert f"  user: {question}\n  model: {sample['reply']}\n  (reference: {sample['reference']})" in shown

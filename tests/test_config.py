@@ -75,3 +75,24 @@ def test_bad_path_types_are_named_not_a_traceback(tmp_path):
     config.write_text("data:\n  path: [a.txt, 5]\n")
     with pytest.raises(ConfigError, match=r"data.path.1: Input should be a valid string"):
         build_config(load_yaml(config))
+
+
+def _train_job(**eval_section):
+    from dialogtune.config import TrainJobConfig
+
+    return build_config({"data": {"path": "x"}, "eval": eval_section}, schema=TrainJobConfig)
+
+
+def test_eval_metric_must_be_one_training_computes():
+    with pytest.raises(ConfigError) as caught:
+        _train_job(metric="eval_bleu")
+    assert str(caught.value) == ("config: eval.metric: 'eval_bleu' is not computed when training evaluates;"
+                                 " choose one of: eval_loss, eval_perplexity")
+
+
+def test_greater_is_better_defaults_to_the_metric_and_can_be_set():
+    assert _train_job().eval.greater_is_better is False
+    assert _train_job(metric="eval_perplexity").eval.greater_is_better is False
+    assert _train_job(metric="eval_perplexity", greater_is_better=True).eval.greater_is_better is True
+    with pytest.raises(ConfigError, match=r"eval.greater_is_better: Input should be a valid boolean"):
+        _train_job(greater_is_better="sometimes")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
+import pexpect
 import pytest
 
 from dialogtune.cli import main
@@ -56,6 +59,18 @@ def test_bad_input_is_named(tiny_run, tmp_path, capsys):
     assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "broken.jsonl"),
                  "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "broken.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_a_terminal_shows_progress_with_rate_and_time_left(tiny_run, tmp_path):
+    write_inputs(tmp_path / "in.jsonl")
+    child = pexpect.spawn(sys.executable, ["-m", "dialogtune", "generate", str(tiny_run / "run"), "--input",
+                                           str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                                           "--batch-size", "2", "--max-new-tokens", "4"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8", timeout=120)
+    child.expect(r"generate: 100%\S* 7/7 \[\d\d:\d\d<\d\d:\d\d, [\d.]+ samples/s\]")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def test_cut_at_stops():

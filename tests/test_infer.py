@@ -1,11 +1,15 @@
-"""Inference that matches training: stop strings never shown, the key/value cache reused across
-turns without changing a single reply, history kept within the context by tokens."""
+"""Inference that matches training: stop strings never shown, multi-byte characters streamed
+whole, the key/value cache reused across turns without changing a single reply, history kept
+within the context by tokens."""
 
 from __future__ import annotations
 
-import pytest
+import threading
 
-from dialogtune.infer import Conversation, Sampling, StopFilter, common_prefix, load_chat_model
+import pytest
+import torch
+
+from dialogtune.infer import Conversation, ReplyStreamer, Sampling, StopFilter, common_prefix, load_chat_model
 
 GREEDY = Sampling(temperature=0, max_new_tokens=12)
 
@@ -19,6 +23,21 @@ def test_stop_filter_holds_back_partial_stop_strings_and_hides_the_stop():
     assert g.feed("bert says hi") == "\nAlbert says hi"  # it did not
     assert g.feed("\nAlice: more") == "" and g.stopped
     assert g.flush() == ""
+
+
+def test_reply_streamer_skips_the_prompt_and_keeps_multi_byte_characters_whole(byte_tokenizer):
+    text = "Café ☕ at 東京, naïve 😀 done.<|im_end|>"
+    ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) - len("<|im_end|>")  # the accents, kanji and emoji are split into byte tokens
+    pieces: list[str] = []
+    streamer = ReplyStreamer(byte_tokenizer, pieces.append)
+    streamer.put(torch.tensor([[5, 6, 7]]))  # the prompt
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == text and len(pieces) > 4
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert streamer.first_token_seconds > 0
 
 
 def test_common_prefix():
@@ -76,3 +95,12 @@ def test_history_is_trimmed_by_tokens_keeping_the_system_prompt(tiny_run):
     assert text.startswith("<|im_start|>system\nBe brief.") and "Question number 5" in text
     assert "Question number 0" not in text and len(conversation.messages) < 13
     assert conversation.messages[0]["role"] == "user"
+
+
+def test_a_set_cancel_event_ends_generation(tiny_run):
+    chat = load_chat_model(str(tiny_run))
+    cancel = threading.Event()
+    conversation = Conversation(chat, messages=[{"role": "user", "content": "Where is the station?"}])
+    reply = conversation.respond(Sampling(temperature=0, max_new_tokens=60), on_text=lambda _: cancel.set(),
+                                 cancel=cancel)
+    assert 0 < reply.new_tokens < 10

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import datasets
 import pytest
+from helpers import FIXTURES
 
 from dialogtune.config import build_config
 from dialogtune.errors import ConfigError, DataError, StrictError
@@ -174,7 +176,10 @@ def test_warnings_for_a_missing_speaker_and_a_missing_validation_split(tmp_path,
     config = make_config(tmp_path, tiny_model_dir, task={"as": ["Bob", "Bobb"]}, split={"validation": 0.5})
     (tmp_path / "play.txt").write_text("Alice: Hi.\nBob: Hello.\n", encoding="utf-8")
     stats = prepare(config, quiet=True).stats
-    assert stats["warnings"][0].startswith("no validation split: the data holds 1 dialogue group(s)")
+    assert stats["warnings"][0] == (
+        "no validation split: the examples come from 1 dialogue(s), and a split needs at least two (a transcript is"
+        " one dialogue per scene, and only blank lines and `---` lines end a scene); add dialogues, or set"
+        " split.validation: 0")
     assert stats["warnings"][1] == "speaker 'Bobb' never occurs (speakers: Alice, Bob)"
     assert "warning: speaker 'Bobb' never occurs" in capsys.readouterr().err
 
@@ -190,3 +195,79 @@ def test_output_that_is_a_file_and_unreadable_gzip_are_clear_errors(tmp_path, ti
                            "output": str(tmp_path / "o2")})
     with pytest.raises(DataError, match=r"chats.jsonl.gz: cannot read \(BadGzipFile"):
         prepare(config, quiet=True)
+
+
+def file_config(tmp_path, model_dir, data_file, **overrides):
+    """A job on one data file, as `dialogtune prepare FILE --as ...` builds it."""
+    raw = {"data": {"path": str(data_file)}, "task": {"as": "*"}, "model": {"name": str(model_dir)},
+           "template": {"name": "transcript"}, "max_length": 256, "output": str(tmp_path / "out")}
+    return build_config({**raw, **overrides})
+
+
+def test_script_csv_episodes_are_split_and_windows_stay_inside_them(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    data = FIXTURES / "rick_and_morty.csv"
+    config = file_config(tmp_path, tiny_model_dir, data, task={"as": "Rick", "context": {"rounds": 2}},
+                         split={"validation": 0.5})
+    stats = prepare(config, quiet=True).stats
+    assert stats["dialogues_read"] == 4 and stats["warnings"] == []
+    assert stats["examples"] == 7  # Rick speaks 3 + 1 + 2 + 1 times in s1e1, s1e2, s2e1, s2e2
+    assert (stats["splits"]["train"]["dialogues"], stats["splits"]["validation"]["dialogues"]) == (2, 2)
+    episodes: dict[str, set[str]] = {}  # dialogue id -> its "Name: line" lines
+    with open(data, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            episode = f"rick_and_morty.csv#s{row['season no.']}e{row['episode no.']}"
+            episodes.setdefault(episode, set()).add(f"{row['name']}: {row['line']}")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen = set()
+    for split in ("train", "validation"):
+        for row in datasets.load_from_disk(str(tmp_path / "out" / split)):
+            (episode,) = row["dialogue_ids"]
+            lines = tokenizer.decode(row["input_ids"], skip_special_tokens=True).splitlines()
+            assert lines[-1].startswith("Rick: ") and 1 <= len(lines) <= 3
+            assert set(lines) <= episodes[episode], (episode, lines)  # no line from another episode
+            seen.add(episode)
+    assert seen == set(episodes)
+
+
+@pytest.mark.parametrize(("name", "text", "hint"), [
+    ("lines.csv", "speaker,text\nAnn,Hi.\nBen,Hello.\n",
+     (" (a script CSV is one dialogue per episode, and the whole file is one when it has no episode or scene column:"
+      " name it with data.columns.episode)")),
+    ("chats.jsonl", '{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}\n',
+     ""),
+    ("dialogues_validation.txt", "Hi . __eou__ Hello . __eou__\n", ""),
+])
+def test_no_validation_split_warning_says_what_applies_to_the_format(tmp_path, tiny_model_dir, name, text, hint):
+    data = tmp_path / name
+    data.write_text(text)
+    stats = prepare(file_config(tmp_path, tiny_model_dir, data, split={"validation": 0.2}), quiet=True).stats
+    assert stats["warnings"] == [
+        "no validation split: the examples come from 1 dialogue(s), and a split needs at least two"
+        + hint + "; add dialogues, or set split.validation: 0"
+    ]
+
+
+def test_dailydialog_is_read_as_one_dialogue_a_line(tmp_path, tiny_model_dir):
+    stats = prepare(file_config(tmp_path, tiny_model_dir, FIXTURES / "dialogues_test.txt"), quiet=True).stats
+    assert (stats["dialogues_read"], stats["examples"], stats["warnings"]) == (12, 12, [])
+    assert stats["speakers"] == {"A": 27, "B": 19}
+    assert stats["splits"]["validation"]["dialogues"] == 1
+
+
+def test_mostly_narration_warns_and_strict_refuses(tmp_path, tiny_model_dir, capsys):
+    data = FIXTURES / "dialogues_test.txt"
+    note = (f"{data}: 10 of 12 lines (83%) have no `Name:` speaker tag and were read as narration;"
+            " __eou__ turn separators in 10 of them: --format dailydialog")
+    forced = {"path": str(data), "format": "transcript"}
+    with pytest.raises(StrictError) as err:
+        prepare(file_config(tmp_path, tiny_model_dir, data, data=forced, strict=True), quiet=True)
+    assert str(err.value) == f"{note} (stopped: --strict)"
+    stats = prepare(file_config(tmp_path, tiny_model_dir, data, data=forced), quiet=True).stats
+    assert stats["dialogues_read"] == 1 and stats["reader_notes"] == [note]
+    assert stats["warnings"][0] == note
+    assert f"warning: {note}" in capsys.readouterr().err
+    with pytest.raises(StrictError) as err:  # the same preparation, now a cache hit
+        prepare(file_config(tmp_path, tiny_model_dir, data, data=forced, strict=True), quiet=True)
+    assert str(err.value) == f"{note} (stopped: --strict)"

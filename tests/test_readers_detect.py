@@ -24,6 +24,7 @@ EXPECTED = {
     "pairs.jsonl": "rows",
     "pairs.csv": "rows",
     "samsum_like.json": "rows",
+    "samsum_shaped.json": "rows",
     "sgd": "sgd",
     "sgd/dialogues_001.json": "sgd",
     "messages.jsonl": "messages",

@@ -69,24 +69,24 @@ def test_csv_with_extra_fields_and_no_known_columns_is_a_reject_not_a_crash(tmp_
 def test_samsum_style_dialogues_with_summaries():
     path = FIXTURES / "samsum_like.json"
     dialogues, rejects = split_items(rows.read(path))
-    assert [d.id for d in dialogues] == ["13862856", "13729565", "13680171"]
+    assert [d.id for d in dialogues] == ["s001", "s002", "s003"]
     assert all(d.line is None for d in dialogues)
     assert turn_pairs(dialogues[0]) == [
-        ("Hannah", "Hey, do you have Betty's number?"),
-        ("Amanda", "Lemme check"),
-        ("Amanda", "Sorry, can't find it."),
-        ("Amanda", "Ask Larry"),
-        ("Hannah", "I don't know him well"),
-        ("Amanda", "Don't be shy, he's very nice"),
+        ("Nora", "Hi, do you still have the key to the garden shed?"),
+        ("Owen", "Let me look"),
+        ("Owen", "No, I gave it back."),
+        ("Owen", "Ask Petra"),
+        ("Nora", "I barely know her"),
+        ("Owen", "Just text her, she's friendly"),
     ]
-    assert dialogues[0].meta == {"summary": "Hannah needs Betty's number but Amanda doesn't have it. "
-                                            "She needs to contact Larry."}
+    assert dialogues[0].meta == {"summary": "Nora needs the garden shed key. Owen returned it, so she should ask"
+                                            " Petra."}
     # A line without a speaker (an attachment placeholder) is kept as narration.
     assert turn_pairs(dialogues[1]) == [
-        ("Eric", "MACHINE!"),
-        ("Rob", "That's so gr8!"),
-        (None, "<file_gif>"),
-        ("Eric", "I know! And shows how Americans see Russian ;)"),
+        ("Ivo", "TRAIN IS LATE!"),
+        ("Mila", "Again?? 2nd time this week"),
+        (None, "<file_photo>"),
+        ("Ivo", "Look at this crowd ;)"),
     ]
     # An empty `Luke:` line is dropped; an empty summary is not kept.
     assert turn_pairs(dialogues[2]) == [("Sam", "Are you coming tonight?"), ("Sam", "?")]

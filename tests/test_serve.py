@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from dialogtune.infer import load_chat_model
+from dialogtune.infer import Conversation, load_chat_model
 from dialogtune.serve import create_app
 
 
@@ -91,6 +91,9 @@ def test_models_and_health(server):
     ({"model": "tiny", "messages": []}, "messages: List should have at least 1 item"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "station " * 400}]}, "exceeds the model's context"),
     ({"model": "tiny", "messages": [*HELLO, {"role": "assistant", "content": "ok"}]}, "last message must be"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {
+        "type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+     "messages.0.content: part type(s) input_audio not supported (only text parts are)"),
 ])
 def test_bad_requests_get_a_clear_400(server, body, message):
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=30)
@@ -129,6 +132,25 @@ def test_twenty_concurrent_clients_are_answered_or_cleanly_refused(server):
     assert httpx.get(f"{server}/health").json()["waiting"] == 0
     after = client(server).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
     assert after.choices[0].message.role == "assistant"
+
+
+def test_a_client_that_disconnects_stops_its_generation(server, monkeypatch):
+    replies = []
+    respond = Conversation.respond
+
+    def recorded(*args, **kwargs):
+        replies.append(respond(*args, **kwargs))
+        return replies[-1]
+
+    monkeypatch.setattr(Conversation, "respond", recorded)
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=30) as response:
+        next(line for line in response.iter_lines() if '"content"' in line and '"content": ""' not in line)
+    deadline = time.monotonic() + 30
+    while not replies:
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.02)
+    assert replies[0].new_tokens < 20  # not the 200 asked for
 
 
 def chromium_path() -> str | None:

@@ -128,7 +128,7 @@ def test_segment_attention_refuses_a_mask_or_a_cache():
     with torch.no_grad():
         first = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
         with pytest.raises(ValueError, match="no cache"):
-            model(input_ids=torch.tensor([[8]]), past_key_values=first.past_key_values, use_cache=True)
+            model(input_ids=torch.tensor([[8]]), cache=first.cache, use_cache=True)
 
 
 def test_long_examples_in_query_blocks_equal_one_causal_attention(monkeypatch):

@@ -63,6 +63,30 @@ def test_lora_training_lowers_validation_loss_and_writes_the_run(tmp_path, tiny_
     assert json.loads((run / "summary.json").read_text())["steps"] == 12
 
 
+def test_run_json_records_the_resolved_training_arguments(tmp_path, tiny_model_dir):
+    train(job(tmp_path, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    arguments = recorded["training_arguments"]
+    assert (arguments["max_steps"], arguments["learning_rate"]) == (2, 0.01)  # from train:
+    assert (arguments["seed"], arguments["data_seed"], arguments["max_grad_norm"]) == (0, 0, 1.0)  # dialogtune's
+    assert (arguments["save_steps"], arguments["eval_steps"]) == (6, 6)  # from eval.every
+    assert arguments["output_dir"] == str(tmp_path / "run" / "checkpoints")
+    assert recorded["config"]["eval"]["greater_is_better"] is False  # the config as resolved
+
+
+def test_training_prints_no_deprecation_warnings_from_transformers_or_peft(tmp_path, tiny_model_dir):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(job(tmp_path, tiny_model_dir, train={"max_steps": 2}, samples=0), quiet=True)
+    libraries = ("/transformers/", "/peft/")
+    deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                    if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                    and any(name in w.filename for name in libraries)]
+    assert deprecations == []
+
+
 def test_adapter_loads_with_plain_peft_and_merges(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -138,6 +162,9 @@ def test_run_directory_is_not_clobbered(tmp_path, tiny_model_dir):
 def test_configuration_errors_are_clear(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="train.output_dir is managed by dialogtune; set run_dir instead"):
         train(job(tmp_path, tiny_model_dir, train={"output_dir": "x"}), quiet=True)
+    with pytest.raises(ConfigError, match="train.greater_is_better is managed by dialogtune; set"
+                                          " eval.greater_is_better instead"):
+        train(job(tmp_path, tiny_model_dir, train={"greater_is_better": True}), quiet=True)
     with pytest.raises(ConfigError, match=r"learnig_rate \(did you mean learning_rate\?\)"):
         train(job(tmp_path, tiny_model_dir, train={"learnig_rate": 1.0}), quiet=True)
     with pytest.raises(RunError, match="needs a CUDA GPU"):

@@ -10,6 +10,7 @@ import torch
 
 from dialogtune.config import TrainJobConfig, build_config
 from dialogtune.train.run import train
+from dialogtune.train_summary import finish_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_lora_on_smollm2_trains_and_reloads_for_generation(tmp_path):
                   "learning_rate": 1e-3, "logging_steps": 1, "report_to": []},
         "eval": {"every": 3}, "run_dir": str(tmp_path / "run"), "samples": 1,
     }, schema=TrainJobConfig)
-    summary = train(config, quiet=True)
+    summary = finish_run(config, train(config, quiet=True), quiet=True)
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
     assert 0 < summary["eval_loss_after"] < 10 and summary["eval_loss_before"] < 10
     assert summary["samples"] and summary["samples"][0]["reply"]

@@ -137,3 +137,55 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, tiny
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert_same_losses(tmp_path / "run", reference)
+
+
+def eval_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and r["step"] > 0}
+
+
+def test_the_best_checkpoint_from_before_a_stop_survives_the_resumed_run(tmp_path, tiny_model_dir):
+    from test_train_run import job
+
+    from dialogtune.config import VALIDATION_METRICS
+
+    # Ranked with greater_is_better, the best checkpoint is the one with the highest validation
+    # loss: the earliest, as loss falls. So the runs after the resume never beat it.
+    ranked = {"every": 2, "keep_best": 1, "greater_is_better": True}
+    train(job(tmp_path, tiny_model_dir, eval=ranked, samples=0, train={"max_steps": 4}), quiet=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    train(job(tmp_path, tiny_model_dir, eval=ranked, samples=0, train={"max_steps": 8}), resume=True, quiet=True)
+    losses = eval_losses(tmp_path / "run")
+    assert sorted(losses) == [2, 4, 6, 8]
+    assert max(losses, key=losses.get) == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-8"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(VALIDATION_METRICS) <= set(r) for r in records if "eval_loss" in r)
+
+
+def test_train_puts_the_callers_signal_handlers_back(tmp_path, tiny_model_dir, monkeypatch):
+    from test_train_run import job
+
+    def callers(signum, frame):
+        pass
+
+    config = job(tmp_path, tiny_model_dir, train={"max_steps": 1}, eval={"every": None}, samples=0)
+    before = {sig: signal.signal(sig, callers) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(config, quiet=True)
+        assert signal.getsignal(signal.SIGTERM) is callers and signal.getsignal(signal.SIGINT) is callers
+        during = []
+
+        def failing_step(self, *args, **kwargs):
+            during.append(signal.getsignal(signal.SIGTERM))
+            raise RuntimeError("a step failed")
+
+        monkeypatch.setattr(DialogTrainer, "training_step", failing_step)
+        with pytest.raises(RuntimeError, match="a step failed"):
+            train(config, overwrite=True, quiet=True)
+        assert during and during[0] is not callers  # training had its own handler, and gave it back:
+        assert signal.getsignal(signal.SIGTERM) is callers and signal.getsignal(signal.SIGINT) is callers
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -17,7 +17,7 @@ import dialogtune
 from dialogtune.config import TrainJobConfig
 from dialogtune.errors import RunError
 from dialogtune.files import staged_dir
-from dialogtune.models import resolve
+from dialogtune.models import quiet_peft, resolve
 from dialogtune.records import PreparedInfo, RunInfo
 
 FINAL = "final"
@@ -47,7 +47,8 @@ def export_merged(run: Path, output: Path | None = None) -> Path:
         raise RunError(f"{run} was fully fine-tuned: {final} already is a plain model")
     config = AutoConfig.from_pretrained(info.base_model_path)
     loader = AutoPeftModelForSeq2SeqLM if config.is_encoder_decoder else AutoPeftModelForCausalLM
-    model = loader.from_pretrained(str(final)).merge_and_unload()
+    with quiet_peft():
+        model = loader.from_pretrained(str(final)).merge_and_unload()
     with staged_dir(target) as staging:
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(str(final)).save_pretrained(staging)

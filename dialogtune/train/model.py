@@ -6,7 +6,7 @@ import torch
 
 from dialogtune.config import TrainJobConfig
 from dialogtune.errors import ModelError, RunError
-from dialogtune.models import resolve
+from dialogtune.models import quiet_peft, resolve
 
 
 def pick_precision(requested: str) -> str:
@@ -74,8 +74,12 @@ def add_lora(model, config: TrainJobConfig):
                                   f" are: {', '.join(sorted(present))} (or use all-linear)")
         targets = wanted
     if config.method == "qlora":
-        model = prepare_model_for_kbit_training(model)
+        # PEFT would switch activation checkpointing on through `gradient_checkpointing_enable`,
+        # deprecated in transformers 5: switched on here by its current name instead.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.activation_checkpointing_enable()
     task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=targets, task_type=task_type)
-    return get_peft_model(model, lora)
+    with quiet_peft():
+        return get_peft_model(model, lora)

@@ -6,7 +6,10 @@
 A run directory holds checkpoints/ (atomic; model or adapter, optimizer, scheduler, RNG and
 data position), final/ (loadable by plain transformers/PEFT, with the tokenizer, the exact
 chat template used in training and dialogtune.json), metrics.jsonl, loss.png, tensorboard/,
-run.json (the resolved config) and summary.json.
+run.json (the resolved config and TrainingArguments) and summary.json.
+
+Training stops at the run directory: sample replies and the evaluation report are the command
+layer's (dialogtune.train_summary), since training never imports inference or evaluation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dialogtune
 from dialogtune.collate import CausalCollator, Seq2SeqCollator
 from dialogtune.config import TrainJobConfig
 from dialogtune.errors import ConfigError, DataError, RunError
+from dialogtune.files import write_json
 from dialogtune.loss import core_model
 from dialogtune.models import load_tokenizer
 from dialogtune.prepare import prepare, tokenizer_hash
@@ -41,11 +45,10 @@ from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
 PROTECTED = {
     "output_dir": "run_dir", "bf16": "precision", "fp16": "precision",
     "save_total_limit": "eval.keep_best", "metric_for_best_model": "eval.metric",
-    "load_best_model_at_end": "eval.keep_best", "remove_unused_columns": None, "resume_from_checkpoint": "resume",
+    "greater_is_better": "eval.greater_is_better", "load_best_model_at_end": "eval.keep_best",
+    "remove_unused_columns": None, "resume_from_checkpoint": "resume",
 }
 RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
-
-
 
 
 def run_identity(config: TrainJobConfig) -> dict[str, Any]:
@@ -111,6 +114,9 @@ def check_tokenizer(manifest: PreparedInfo, tokenizer, model_name: str, prepared
 
 
 def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> dict:
+    """Train and save the run; return its summary (also written to summary.json). A run stopped
+    by a signal returns {interrupted, step, checkpoint}; processes other than the main one
+    of a multi-process run return {steps} alone."""
     from accelerate import PartialState
 
     started = time.perf_counter()
@@ -151,19 +157,19 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     run.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         shutil.rmtree(run / "checkpoints" / STAGING, ignore_errors=True)  # leftovers of a killed save
-        write_run_record(run, config, prepared.directory, manifest, precision)
+        write_run_record(run, config, args, prepared.directory, manifest, precision)
     trainer = DialogTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             data_collator=collator, processing_class=tokenizer, keep_best=config.eval.keep_best,
-                            best_metric=config.eval.metric, max_bad_steps=config.max_bad_steps,
-                            callbacks=[MetricsWriter(run)])
-    trainer.install_signal_handlers()
+                            best_metric=config.eval.metric, greater_is_better=config.eval.greater_is_better,
+                            max_bad_steps=config.max_bad_steps, callbacks=[MetricsWriter(run)])
     checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
     before = None
     if eval_set is not None and checkpoint is None:
         before = trainer.evaluate()["eval_loss"]
     elif checkpoint is not None:
         before = next((r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r), None)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with trainer.stopping_on_signals():
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.stopped_for_bad_steps:
         raise RunError(f"stopped at step {trainer.state.global_step}: {trainer.max_bad_steps} optimizer steps in a row"
                        " had a non-finite loss or gradient (skipped, not applied); lower train.learning_rate, check"
@@ -172,14 +178,12 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
         return {"interrupted": trainer.stop_requested, "step": trainer.state.global_step,
                 "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-    restore_attention(core_model(trainer.model))  # generation and export use the standard attention
+    restore_attention(core_model(trainer.model))  # the saved model is loaded for generation: standard attention
     if not state.is_main_process:  # the other processes are done: saving and reporting is rank 0's
         return {"steps": trainer.state.global_step}
     from dialogtune.train.export import save_final
 
     final = save_final(trainer.model, tokenizer, manifest, config, run)
-    samples = sample_replies(trainer.model, tokenizer, manifest, prepared.directory,
-                             "validation" if eval_set is not None else "train", config.samples, final)
     seconds = time.perf_counter() - started
     runtime = max(output.metrics.get("train_runtime", seconds), 1e-9)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
@@ -190,70 +194,23 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
         "trained_tokens_per_s": round(trainer.trained_tokens_seen / runtime, 1),
         "peak_memory_mb": peak_memory_mb(), "train_loss_last": losses[-1] if losses else None,
         "eval_loss_before": before, "eval_loss_after": after, "skipped_steps": trainer.bad_steps,
-        "precision": precision, "segment_attention": segments, "samples": samples,
+        "precision": precision, "segment_attention": segments,
     }
-    if config.eval.report and eval_set is not None:
-        from dialogtune.evaluate.run import evaluate
-
-        report = evaluate(str(run), config.model_dump(mode="json", by_alias=True), limit=config.eval.limit,
-                          out=run / "eval", quiet=True)
-        summary["eval_report"] = {"path": str(run / "eval" / "report.md"), "metrics": report["metrics"]}
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if not quiet:
-        print(summary_text(summary))
+    write_json(run / "summary.json", summary)
     return summary
 
 
-def write_run_record(run: Path, config: TrainJobConfig, prepared: Path, manifest: PreparedInfo, precision: str) -> None:
-    (run / "run.json").write_text(json.dumps({
+def write_run_record(run: Path, config: TrainJobConfig, args, prepared: Path, manifest: PreparedInfo,
+                     precision: str) -> None:
+    """run.json: the job as resolved (config defaults filled in) and the TrainingArguments it
+    became (dialogtune's defaults, then `train:`), so the run can be reproduced from its directory."""
+    write_json(run / "run.json", {
         "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
-        "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint,
-        "precision": precision, "config": config.model_dump(mode="json", by_alias=True)}, indent=2) + "\n")
+        "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint, "precision": precision,
+        "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict()})
 
 
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def sample_replies(model, tokenizer, manifest: dict, prepared: Path, split: str, count: int,
-                   final: Path) -> list[dict[str, str]]:
-    """Greedy replies to the first `count` trained turns of a split, through the same path as
-    `dialogtune generate` (the training template, roles and stop strings)."""
-    from dialogtune.generate import generate_replies, prompts_from_prepared
-    from dialogtune.infer import Sampling, chat_model
-    from dialogtune.records import RunInfo
-
-    if count == 0:
-        return []
-    chat = chat_model(model, tokenizer, RunInfo.load(final), name=str(final), location=str(final))
-    model.eval()
-    records, prompts = prompts_from_prepared(chat, prepared, split)
-    replies = generate_replies(chat, prompts[:count], Sampling(temperature=0, max_new_tokens=48), quiet=True)
-    out = []
-    for record, (reply, _) in zip(records, replies, strict=False):
-        # The line before the reply's header (e.g. "assistant") is, in most templates, the user's turn.
-        text = record["context"]
-        for special in tokenizer.all_special_tokens:
-            text = text.replace(special, "\n")
-        lines = [line for line in text.splitlines() if line.strip()]
-        context = lines[-2] if len(lines) > 1 else (lines[-1] if lines else "")
-        out.append({"context": context.strip(), "reply": reply, "reference": record["reference"]})
-    return out
-
-
-def summary_text(summary: dict) -> str:
-    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
-    change = f"validation loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
-    lines = [
-        (f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:.0f}"
-         f" tokens/s, {summary['trained_tokens_per_s']:.0f} trained tokens/s, peak memory"
-         f" {summary['peak_memory_mb']:.0f} MB); {change}last train loss {summary['train_loss_last']};"
-         f" skipped steps {summary['skipped_steps']}"),
-        f"run: {summary['run_dir']}   model: {summary['final']}   plot: {Path(summary['run_dir']) / 'loss.png'}",
-    ]
-    for sample in summary["samples"]:
-        lines.append(f"  user: {sample['context']}\n  model: {sample['reply']}\n  (reference: {sample['reference']})")
-    return "\n".join(lines)
-

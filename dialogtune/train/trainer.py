@@ -4,10 +4,13 @@
   optimizer step (every micro-batch counts, however many tokens it has);
 - token-weighted validation loss and perplexity;
 - checkpoints written to a staging directory and renamed into place, so a kill at any moment
-  leaves the previous checkpoint whole; the best k by a metric are kept, and the newest;
+  leaves the previous checkpoint whole; the best k by a validation metric are kept, and the
+  newest, ranked by the scores in Trainer's log history (saved in every checkpoint's
+  trainer_state.json and restored on resume, so checkpoints from before a stop keep theirs);
 - a non-finite loss or gradient skips the update (counted), and stops the run after
   `max_bad_steps` in a row;
-- SIGTERM/SIGINT: save a checkpoint at the end of the current step and stop cleanly.
+- SIGTERM/SIGINT while training: save a checkpoint at the end of the current step and stop
+  cleanly; the caller's handlers are put back afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,7 +34,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class DialogTrainer(Trainer):
-    def __init__(self, *args, keep_best: int = 2, best_metric: str = "eval_loss", max_bad_steps: int = 3, **kwargs):
+    def __init__(self, *args, keep_best: int = 2, best_metric: str = "eval_loss", greater_is_better: bool = False,
+                 max_bad_steps: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
         # Ask Trainer to count the trained tokens of each whole optimizer step (`num_items_in_batch`)
         # and to leave the loss scaling to us: compute_loss divides by that count.
@@ -38,12 +43,12 @@ class DialogTrainer(Trainer):
         self._loss_shifts_labels = not core_model(self.model).config.is_encoder_decoder
         self.keep_best = keep_best
         self.best_metric = best_metric
+        self.greater_is_better = greater_is_better
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0
         self.bad_in_a_row = 0
         self.stopped_for_bad_steps = False
         self.stop_requested: str | None = None
-        self.scores: dict[int, float] = {}
         self.tokens_seen = 0
         self.trained_tokens_seen = 0
         self._last_log = (time.perf_counter(), 0, 0)
@@ -84,7 +89,6 @@ class DialogTrainer(Trainer):
                    f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 3)}
         if was_training:
             model.train()
-        self.scores[self.state.global_step] = metrics.get(self.best_metric, mean)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -106,7 +110,12 @@ class DialogTrainer(Trainer):
         root = Path(self.args.output_dir)
         staging_root = root / STAGING
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        shutil.rmtree(staging_root / name, ignore_errors=True)
+        # In a multi-process run every process writes into this one staging directory (the main
+        # one the model and optimizer, each its own RNG state); so only the main process clears
+        # it before and publishes it after, and only once all have finished writing.
+        if self.args.should_save:
+            shutil.rmtree(staging_root / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
@@ -116,6 +125,9 @@ class DialogTrainer(Trainer):
                           " checkpoints are untouched") from err
         finally:
             self.args.output_dir = str(root)
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -128,23 +140,36 @@ class DialogTrainer(Trainer):
         steps = sorted(step for step in (checkpoint_step(p) for p in root.iterdir()) if step is not None)
         if not steps:
             return
-        lower_is_better = self.best_metric.endswith(("loss", "perplexity"))
-        scored = [s for s in steps if s in self.scores]
-        scored.sort(key=lambda s: self.scores[s] if lower_is_better else -self.scores[s])
-        keep = set(scored[: self.keep_best]) | {steps[-1]}
+        scores = self.scores()
+        ranked = sorted((s for s in steps if s in scores), key=scores.__getitem__, reverse=self.greater_is_better)
+        keep = set(ranked[: self.keep_best]) | {steps[-1]}
         for step in steps:
             if step not in keep:
                 shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{step}", ignore_errors=True)
 
+    def scores(self) -> dict[int, float]:
+        """The ranking metric at each evaluated step, from the log history: unlike anything
+        held only here, it comes back with the state of the checkpoint a run resumes from."""
+        return {entry["step"]: entry[self.best_metric] for entry in self.state.log_history if self.best_metric in entry}
+
     # -- signals ----------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[None]:
+        """Within the block, SIGTERM/SIGINT ask for a save-and-stop at the end of the step
+        (a second one stops at once); after it, the handlers the caller had are back."""
+
         def request_stop(signum, frame):
-            if self.stop_requested:  # a second signal: stop now
+            if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = signal.Signals(signum).name
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                # None: a handler installed from C, which Python cannot put back; the default is closest.
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def checkpoint_step(path: Path) -> int | None:
