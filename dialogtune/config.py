@@ -21,6 +21,7 @@ class Columns(Strict):
     speaker: str | None = None
     text: str | None = None
     episode: str | None = None
+    season: str | None = None  # with an episode column: S1E1 and S2E1 are different dialogues
 
 
 class DataConfig(Strict):

@@ -90,28 +90,36 @@ def tiny_job_dir(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_bart_run(tmp_path_factory, byte_tokenizer):
-    """A directory holding a tiny random BART (encoder-decoder) LoRA run (`run/`) and its prepared
-    data (`prepared/`: one example per assistant turn, pack: false, as an encoder-decoder needs),
-    trained by dialogtune for eight steps: enough to end some replies with <|im_end|>."""
-    from test_train_run import job
+def tiny_bart_dir(tmp_path_factory, byte_tokenizer):
+    """A tiny random BART (encoder-decoder) and its tokenizer (with a ChatML template) on disk."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     from dialogtune.templates import shipped_source
-    from dialogtune.train.run import train
 
     torch.manual_seed(0)
-    model_dir = tmp_path_factory.mktemp("tiny-bart")
+    directory = tmp_path_factory.mktemp("tiny-bart")
     config = BartConfig(vocab_size=len(byte_tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                         max_position_embeddings=256, pad_token_id=byte_tokenizer.pad_token_id,
                         bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
                         decoder_start_token_id=byte_tokenizer.eos_token_id, forced_eos_token_id=None)
-    BartForConditionalGeneration(config).save_pretrained(model_dir)
+    BartForConditionalGeneration(config).save_pretrained(directory)
     byte_tokenizer.chat_template = shipped_source("chatml")
-    byte_tokenizer.save_pretrained(model_dir)
+    byte_tokenizer.save_pretrained(directory)
     byte_tokenizer.chat_template = None
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_run(tmp_path_factory, tiny_bart_dir):
+    """A directory holding a tiny BART LoRA run (`run/`) and its prepared data (`prepared/`: one
+    example per assistant turn, pack: false, as an encoder-decoder needs), trained by dialogtune
+    for eight steps: enough to end some replies with <|im_end|>."""
+    from test_train_run import job
+
+    from dialogtune.train.run import train
+
     directory = tmp_path_factory.mktemp("tiny-bart-job")
-    train(job(directory, model_dir, pack=False, task={"as": "assistant", "context": {"rounds": 2}},
+    train(job(directory, tiny_bart_dir, pack=False, task={"as": "assistant", "context": {"rounds": 2}},
               train={"max_steps": 8}, eval={"every": None}, samples=0), quiet=True)
     return directory

@@ -143,3 +143,17 @@ def test_empty_file_and_missing_speaker(tmp_path):
     dialogues, _ = split_items(script_csv.read(path))
     assert turn_pairs(dialogues[0]) == [(None, "The door creaks open."), ("KRAMER", "Hey buddy!")]
     assert dialogues[0].id == "scene.csv#1"
+
+
+def test_a_season_column_can_be_named_in_the_config(tmp_path):
+    from dialogtune.config import build_config
+
+    path = tmp_path / "show.csv"
+    path.write_text("Series,Ep,Who,Said\nA,1,Ann,Hi.\nA,1,Ben,Hello.\nB,1,Ann,Back again.\n")
+    config = build_config({"data": {"path": str(path), "columns": {"season": "Series", "episode": "Ep",
+                                                                   "speaker": "Who", "text": "Said"}}})
+    dialogues, rejects = split_items(script_csv.read(path, columns=config.data.columns.model_dump()))
+    assert [(d.id, turn_pairs(d)) for d in dialogues] == [
+        ("show.csv#A/1", [("Ann", "Hi."), ("Ben", "Hello.")]),
+        ("show.csv#B/1", [("Ann", "Back again.")]),
+    ] and rejects == []

@@ -211,22 +211,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_model_dir
     assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2]
 
 
-@pytest.fixture(scope="module")
-def tiny_bart_dir(tmp_path_factory, byte_tokenizer):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-bart")
-    config = BartConfig(vocab_size=len(byte_tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=256, pad_token_id=byte_tokenizer.pad_token_id,
-                        bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
-                        decoder_start_token_id=byte_tokenizer.eos_token_id, forced_eos_token_id=None)
-    BartForConditionalGeneration(config).save_pretrained(directory)
-    byte_tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_seq2seq_bart_trains(tmp_path, tiny_bart_dir):
     config = job(tmp_path, tiny_bart_dir, method="full", template={"name": "user_assistant"},
                  train={"learning_rate": 0.003, "max_steps": 12})
