@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, SHARED_DATA
 
 from dialogtune.dialogue import Dialogue
 from dialogtune.errors import DataError
@@ -14,6 +15,7 @@ from dialogtune.readers import FORMATS, detect_format, read_dialogues
 
 EXPECTED = {
     "msc_sample.json": "msc",
+    "msc_parlai.jsonl": "msc",
     "dialogpt_samples.json": "endoftext",
     "dialogpt_samples.txt": "endoftext",
     "transcript.txt": "transcript",
@@ -115,3 +117,27 @@ def test_dailydialog_needs_most_lines_to_hold_markers(tmp_path):
     path.write_text("2 tickets , please . __eou__ Here you are . __eou__\nBen: an odd line\n"
                     "Hello . __eou__ Hi . __eou__\n")
     assert detect_format(path) == "dailydialog"  # before parlai, which a leading number would suggest
+
+
+def test_parlai_msc_episodes_are_told_from_messages_by_their_keys(tmp_path):
+    # The first line is longer than the 4 KB head, and its text mentions the other formats' keys.
+    text = 'He said "messages" and "conversations" twice. ' * 120
+    episode = {"personas": [["I fish."], ["I sing."]], "dialog": [{"id": "Speaker 1", "text": text}],
+               "previous_dialogs": [{"dialog": [{"text": "Hi."}], "time_num": 2, "time_unit": "days"}]}
+    for name in ("session_2.jsonl", "valid.txt", "episodes.json"):
+        path = tmp_path / name
+        path.write_text(json.dumps(episode) + "\n")
+        assert len(path.read_text().splitlines()[0]) > 4096
+        assert detect_format(path) == "msc", name
+    # A bare `dialog` list is not enough, and a `messages` line stays `messages`.
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps({"dialog": [{"text": "Hi."}], "messages": [{"role": "user", "content": "Hi."}]}) + "\n")
+    assert detect_format(path) == "messages"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "my personas and previous_dialogs"}]}) + "\n")
+    assert detect_format(path) == "messages"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "msc").exists(), reason="shared MSC data not available")
+def test_detects_both_real_msc_shapes():
+    assert detect_format(SHARED_DATA / "msc" / "msc_session3_valid.jsonl") == "msc"
+    assert detect_format(SHARED_DATA / "msc" / "msc_dialog_samples.json") == "msc"

@@ -57,6 +57,10 @@ def detect_format(path: Path) -> str:
     if suffix == ".csv":
         header = {h.strip().strip('"').lower() for h in first_line.split(",")}
         return "rows" if {"input", "response"} <= header or "summary" in header else "script_csv"
+    # ParlAI's MSC release: one episode a line (its own files are `.txt`), told by its keys before
+    # `messages`; the whole first line is parsed, as an episode is often longer than `head`.
+    if head.lstrip().startswith("{") and msc.is_episode(msc.first_record(path)):
+        return "msc"
     if suffix in (".jsonl", ".json"):
         if suffix == ".json" and head.lstrip().startswith("{") and '"dial_id"' in head:
             return "msc"
