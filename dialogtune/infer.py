@@ -134,13 +134,20 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
 def load_model(location: str, **kwargs):
     """The model at `location` with its generation head: seq2seq for encoder-decoders, else causal."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
 
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if Path(location).is_dir():  # loading local weights takes a blink: its bar is noise before a chat
+        hf_logging.disable_progress_bar()  # (a hub download keeps its bar)
     try:
         config = AutoConfig.from_pretrained(location)
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         return loader.from_pretrained(location, **kwargs)
     except OSError as err:
         raise ModelError(f"cannot load a model from {location!r}: {err}") from err
+    finally:
+        if was_shown:
+            hf_logging.enable_progress_bar()
 
 
 def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: str) -> ChatModel:

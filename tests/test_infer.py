@@ -104,3 +104,11 @@ def test_a_set_cancel_event_ends_generation(tiny_run):
     reply = conversation.respond(Sampling(temperature=0, max_new_tokens=60), on_text=lambda _: cancel.set(),
                                  cancel=cancel)
     assert 0 < reply.new_tokens < 10
+
+
+def test_loading_a_local_run_draws_no_progress_bar_and_keeps_the_setting(tiny_run, capfd):
+    from transformers.utils import logging as hf_logging
+
+    load_chat_model(str(tiny_run))
+    assert "Loading weights" not in capfd.readouterr().err  # only the conversation on screen
+    assert hf_logging.is_progress_bar_enabled()  # hub downloads elsewhere keep their bars
