@@ -51,8 +51,6 @@ class CausalCollator:
                 "position_ids": torch.from_numpy(positions)}
 
 
-
-
 @dataclass
 class Seq2SeqCollator:
     pad_token_id: int

@@ -14,6 +14,8 @@ from bisect import bisect_left, insort
 import numpy as np
 import pyarrow as pa
 
+from dialogtune.errors import DataError
+
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Rows of example indices; every length must be <= capacity."""
@@ -45,7 +47,7 @@ def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if offsets[-1] >= 2**31:  # Arrow list offsets are 32-bit
-        raise ValueError(f"a split of {offsets[-1]} tokens is too large for one Arrow list; split the data")
+        raise DataError(f"a split of {offsets[-1]} tokens is too large for one Arrow list; prepare the data in parts")
     offsets = offsets.astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 

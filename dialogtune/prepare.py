@@ -57,8 +57,6 @@ class Prepared:
     cache_hit: bool
 
 
-
-
 # -- fingerprint --------------------------------------------------------------------
 def _data_files(paths: list[str]) -> list[Path]:
     files = []
@@ -146,6 +144,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                               f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
         if not quiet:
             print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
+        print_warnings(stats)  # still true of the data: said again, not only the first time
         return Prepared(out, stats, True)
     require_targets(config)
     encoder = ExampleEncoder(tokenizer, template, config.max_length)
@@ -234,9 +233,13 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         manifest(config, tokenizer, tokenizer_id, template, key, speakers).save(staging)
     if not quiet:
         print(summary_line(out, stats))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_warnings(stats)
     return Prepared(out, stats, False)
+
+
+def print_warnings(stats: dict[str, Any]) -> None:
+    for warning in stats.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, fingerprint: str) -> dict[str, Any]:

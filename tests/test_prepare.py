@@ -182,6 +182,9 @@ def test_warnings_for_a_missing_speaker_and_a_missing_validation_split(tmp_path,
         " split.validation: 0")
     assert stats["warnings"][1] == "speaker 'Bobb' never occurs (speakers: Alice, Bob)"
     assert "warning: speaker 'Bobb' never occurs" in capsys.readouterr().err
+    again = prepare(config, quiet=True)  # a cache hit: the data is no different, so neither are the warnings
+    assert again.cache_hit
+    assert capsys.readouterr().err.splitlines() == [f"warning: {w}" for w in stats["warnings"]]
 
 
 def test_output_that_is_a_file_and_unreadable_gzip_are_clear_errors(tmp_path, tiny_model_dir):

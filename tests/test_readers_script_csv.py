@@ -157,3 +157,10 @@ def test_a_season_column_can_be_named_in_the_config(tmp_path):
         ("show.csv#A/1", [("Ann", "Hi."), ("Ben", "Hello.")]),
         ("show.csv#B/1", [("Ann", "Back again.")]),
     ] and rejects == []
+
+
+def test_a_named_season_without_an_episode_column_is_refused(tmp_path):
+    path = tmp_path / "show.csv"
+    path.write_text("Series,Who,Said\nA,Ann,Hi.\n")
+    with pytest.raises(DataError, match=r"data.columns.season names 'Series' but there is no episode column"):
+        list(script_csv.read(path, columns={"season": "Series", "speaker": "Who", "text": "Said"}))

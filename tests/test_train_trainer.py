@@ -22,7 +22,7 @@ from dialogtune.train.trainer import DialogTrainer, newest_checkpoint
 STEPS = 14  # 24 conversations, 18 for training, batch 3: 6 steps an epoch; the run spans 3 epochs
 
 
-def write_job(directory: Path, model_dir: Path) -> Path:
+def write_job(directory: Path, model_dir: Path, **overrides) -> Path:
     from test_train_run import write_chats
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -38,7 +38,7 @@ def write_job(directory: Path, model_dir: Path) -> Path:
         "run_dir": str(directory / "run"), "samples": 0,
     }
     path = directory / "job.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({**config, **overrides}))
     return path
 
 
@@ -189,3 +189,22 @@ def test_train_puts_the_callers_signal_handlers_back(tmp_path, tiny_model_dir, m
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_the_best_checkpoint_survives_a_kill_and_the_resumed_run(tmp_path, tiny_model_dir):
+    # As above, ranked so that the earliest checkpoint is the best; the process is killed (no
+    # chance to save anything) right after checkpoint 4, then resumed to step 8.
+    job = write_job(tmp_path, tiny_model_dir, eval={"every": 2, "keep_best": 1, "greater_is_better": True},
+                    train={"max_steps": 8, "learning_rate": 0.01, "per_device_train_batch_size": 3,
+                           "logging_steps": 1, "report_to": []})
+    killed = run_until_checkpoint(job, 4, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint-2", "checkpoint-4"]
+    resumed = dialogtune("train", str(job), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    losses = eval_losses(tmp_path / "run")
+    assert sorted(losses) == [2, 4, 6, 8] and max(losses, key=losses.get) == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-8"]

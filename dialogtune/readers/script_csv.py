@@ -76,6 +76,9 @@ def read(path: Path, *, columns: dict[str, str | None] | None = None, **_: objec
             raise DataError(f"{path}: empty CSV file")
         cols = detect_columns(list(reader.fieldnames), columns or {}, path)
         episode_key = cols["episode"]
+        if episode_key is None and (columns or {}).get("season"):
+            raise DataError(f"{path}: data.columns.season names {columns['season']!r} but there is no episode column;"
+                            " a season only tells episodes apart: name one with data.columns.episode")
         # A season only tells episodes apart: without an episode column it would make a whole
         # season one dialogue.
         season_key = cols["season"] if episode_key is not None else None

@@ -24,8 +24,6 @@ SHIPPED = {
 MODEL_TEMPLATE = "model"  # the tokenizer's own chat template
 
 
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str
