@@ -115,7 +115,7 @@ class EvalConfig(Strict):
     metric: str = "eval_loss"  # what keep_best ranks by: one of VALIDATION_METRICS
     greater_is_better: bool | None = None  # unset: the metric's own direction (lower loss/perplexity is better)
     report: bool = False  # at the end, run `dialogtune eval` on the validation split (generation metrics)
-    limit: int | None = None  # with report: evaluate only the first N validation samples
+    limit: int | None = Field(default=None, ge=1)  # with report: evaluate only the first N validation samples
 
     @field_validator("metric")
     @classmethod

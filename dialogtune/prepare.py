@@ -44,7 +44,7 @@ from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, Tokeniz
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
 # Part of the fingerprint: raise it whenever what `prepare` writes changes, so old caches are redone.
-OUTPUT_FORMAT = 3  # 2: rows carry turn_sessions; 3: and answered_messages
+OUTPUT_FORMAT = 4  # 2: rows carry turn_sessions; 3: and answered_messages; 4: and trained_messages, system_messages
 UNUSED = "unused"  # a reject stage for records that are fine but hold nothing to learn (--strict ignores them)
 _PARTICULARS = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
 SPLITS = ("train", "validation")
@@ -259,6 +259,13 @@ def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, 
     # The message each trained turn answers, in order: what `dialogtune train` shows its sample replies to.
     answered = [[text for i in row for text in answered_messages(items[i].example.messages)] for row in rows]
     table = table.append_column("answered_messages", pa.array(answered, type=pa.list_(pa.string())))
+    # Each trained message's text as the data had it, in order: evaluation's references, the same
+    # whatever a model's tokenizer makes of them (T5 and lowercasing tokenizers do not decode it back).
+    references = [[m["content"] or "" for i in row for m in items[i].example.messages if m["train"]] for row in rows]
+    table = table.append_column("trained_messages", pa.array(references, type=pa.list_(pa.string())))
+    # Each example's system message ("" for none): the head evaluation keeps when it cuts a long context.
+    systems = [[system_message(items[i].example.messages) for i in row] for row in rows]
+    table = table.append_column("system_messages", pa.array(systems, type=pa.list_(pa.string())))
     # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
     if table.num_rows:
         # Named by the preparation's own fingerprint: datasets would otherwise hash the table (7 ms).
@@ -281,6 +288,11 @@ def answered_messages(messages: list[dict[str, Any]]) -> list[str]:
     """For each trained message, the content of the message before it ("" after a system prompt or none)."""
     return [(messages[k - 1]["content"] or "") if k and messages[k - 1]["role"] != "system" else ""
             for k, m in enumerate(messages) if m["train"]]
+
+
+def system_message(messages: list[dict[str, Any]]) -> str:
+    """The text of the system message an example opens with ("" for none; tasks write at most one)."""
+    return (messages[0]["content"] or "") if messages and messages[0]["role"] == "system" else ""
 
 
 def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, split_stats, elapsed) -> dict[str, Any]:

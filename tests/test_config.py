@@ -96,3 +96,9 @@ def test_greater_is_better_defaults_to_the_metric_and_can_be_set():
     assert _train_job(metric="eval_perplexity", greater_is_better=True).eval.greater_is_better is True
     with pytest.raises(ConfigError, match=r"eval.greater_is_better: Input should be a valid boolean"):
         _train_job(greater_is_better="sometimes")
+
+
+def test_eval_limit_must_select_some_samples():
+    with pytest.raises(ConfigError, match=r"eval.limit: Input should be greater than or equal to 1"):
+        _train_job(report=True, limit=0)
+    assert _train_job(report=True, limit=5).eval.limit == 5

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -14,8 +15,11 @@ import torch.nn.functional as F
 import yaml
 
 from dialogtune.cli import main
+from dialogtune.errors import DataError
 from dialogtune.evaluate import run as eval_run
 from dialogtune.evaluate.run import evaluate
+from dialogtune.evaluate.samples import samples_of
+from dialogtune.models import load_tokenizer
 from dialogtune.tokenize import IGNORE_INDEX
 
 DIALOGUES = [
@@ -37,6 +41,26 @@ def write_summaries(path, pairs):
     path.write_text("\n".join(json.dumps({"id": str(i), "dialogue": d, "summary": s})
                               for i, (d, s) in enumerate(pairs)) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def unk_model_dir(tmp_path_factory, metaspace_tokenizer):
+    """A tiny random Llama-style model whose tokenizer knows no 'O', 'C' or 'v' (they become <unk>)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dialogtune.templates import shipped_source
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("unk-llama")
+    config = LlamaConfig(vocab_size=len(metaspace_tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=512, bos_token_id=metaspace_tokenizer.bos_token_id,
+                         eos_token_id=metaspace_tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    metaspace_tokenizer.chat_template = shipped_source("chatml")
+    metaspace_tokenizer.save_pretrained(directory)
+    metaspace_tokenizer.chat_template = None
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +117,11 @@ def test_summarize_report_values_predictions_and_markdown(tiny_model_dir, summar
                       sampling=eval_run.Sampling(temperature=0, max_new_tokens=6))
     assert (report["samples"], report["task"], report["decoding"]["greedy"]) == (10, "summarize", True)
     assert report["cut"] == {"context_length": 512, "prompt_limit": 506, "samples": 0, "tokens": 0,
-                             "loss_samples": 0, "loss_tokens": 0}
-    assert_loss(report, *expected_loss(load_model(tiny_model_dir), prepared_rows(tmp_path / "ev")))
+                             "heads_dropped": 0, "loss_samples": 0, "loss_tokens": 0, "loss_heads_dropped": 0}
+    rows = prepared_rows(tmp_path / "ev")
+    assert_loss(report, *expected_loss(load_model(tiny_model_dir), rows))
+    assert [row["trained_messages"] for row in rows] == [[s] for s in SUMMARIES]  # the data's own text
+    assert [row["system_messages"] for row in rows] == [[""]] * 10
     assert len(report["data_fingerprint"]) == 32
     predictions = read_jsonl(tmp_path / "ev" / "predictions.jsonl")
     assert [p["index"] for p in predictions] == list(range(10))
@@ -120,7 +147,7 @@ def test_a_context_longer_than_the_model_is_cut_from_the_left_not_dropped(tiny_m
     assert start > 506  # the whole example was prepared: nothing split off or rejected
     assert report["samples"] == 3
     assert report["cut"] == {"context_length": 512, "prompt_limit": 506, "samples": 1, "tokens": start - 506,
-                             "loss_samples": 1, "loss_tokens": end - 512}
+                             "heads_dropped": 0, "loss_samples": 1, "loss_tokens": end - 512, "loss_heads_dropped": 0}
     predictions = read_jsonl(tmp_path / "ev" / "predictions.jsonl")
     assert [p["context_cut"] for p in predictions] == [0, start - 506, 0]
     assert [p["reference"] for p in predictions] == [DIALOGUES[0][1], "Tim asks about the way.", DIALOGUES[1][1]]
@@ -129,11 +156,9 @@ def test_a_context_longer_than_the_model_is_cut_from_the_left_not_dropped(tiny_m
     assert context.endswith("Tim5: Is the station far from the museum, 19?<|im_end|>\n<|im_start|>assistant\n")
     # The loss window is the kept head (the tokens the cut prompt shares with the full one) and
     # the last 512 - head tokens up to the end of the summary.
-    from dialogtune.models import load_tokenizer
-
     prompt = load_tokenizer(str(tiny_model_dir))(context, add_special_tokens=False)["input_ids"]
     head = next(i for i, (a, b) in enumerate(zip(prompt, long_row["input_ids"], strict=False)) if a != b)
-    assert 10 < head < 30  # the instruction, and not much more
+    assert load_tokenizer(str(tiny_model_dir)).decode(prompt[:head]) == f"{INSTRUCTION_HEAD}\n"
     window = long_row["input_ids"][:head] + long_row["input_ids"][end - (512 - head) : end]
     window_labels = [IGNORE_INDEX] * (512 - (end - start)) + long_row["labels"][start:end]
     model = load_model(tiny_model_dir)
@@ -230,8 +255,13 @@ def test_compare_scores_every_model_on_the_same_samples(tiny_model_dir, tiny_job
         assert references == [s for _, s in DIALOGUES] + ["Tim asks about the way."]
 
 
-def test_compare_refuses_models_scored_on_different_samples(tiny_model_dir, summaries, tmp_path, capsys):
-    """A chat template that refuses some conversations leaves its model fewer samples."""
+def test_compare_refuses_models_scored_on_different_samples(tiny_model_dir, summaries, tmp_path, capsys,
+                                                           monkeypatch):
+    """A chat template that refuses some conversations leaves its model fewer samples: refused
+    before any model's weights load, let alone generate."""
+    loaded, generated = [], []
+    monkeypatch.setattr(eval_run, "load_chat_model", lambda name, **kwargs: loaded.append(name))
+    monkeypatch.setattr(eval_run, "generate_replies", lambda *args, **kwargs: generated.append(args))
     picky = tmp_path / "picky"
     shutil.copytree(tiny_model_dir, picky)
     config = json.loads((picky / "tokenizer_config.json").read_text())
@@ -250,6 +280,107 @@ def test_compare_refuses_models_scored_on_different_samples(tiny_model_dir, summ
     assert f"{tiny_model_dir} has 10 samples and {picky} 8" in error
     assert "differ from sample 0 on (reference 'Amanda baked cookies for Jerry.' vs 'Oliver votes" in error
     assert str(tmp_path / "cmp" / "picky" / "prepared" / "rejects.jsonl") in error
+    assert loaded == generated == []
+    assert not (tmp_path / "cmp" / tiny_model_dir.name / "predictions.jsonl").exists()
+
+
+def test_compare_prepares_every_model_first_then_scores_one_at_a_time(tiny_model_dir, tmp_path, monkeypatch):
+    """Each model is freed (its modules hold reference cycles) before the next one loads."""
+    data = write_summaries(tmp_path / "data.jsonl", DIALOGUES[:2])
+    events, models = [], []
+    real_prepare, real_load = eval_run.prepare_for, eval_run.load_chat_model
+
+    def preparing(prompting, *args):
+        events.append(("prepare", prompting.name))
+        return real_prepare(prompting, *args)
+
+    def loading(name, **kwargs):
+        assert [ref() for ref in models] == [None] * len(models)  # every model before this one is gone
+        events.append(("load", name))
+        chat = real_load(name, **kwargs)
+        models.append(weakref.ref(chat.model))
+        return chat
+
+    monkeypatch.setattr(eval_run, "prepare_for", preparing)
+    monkeypatch.setattr(eval_run, "load_chat_model", loading)
+    names = [str(tiny_model_dir), f"{tiny_model_dir}/"]
+    reports = eval_run.compare(names, str(data), "summarize", tmp_path / "cmp",
+                               sampling=eval_run.Sampling(temperature=0, max_new_tokens=2))
+    assert events == [("prepare", names[0]), ("prepare", names[1]), ("load", names[0]), ("load", names[1])]
+    assert [r["samples"] for r in reports] == [2, 2]
+
+
+def test_compare_keys_samples_by_the_data_text_not_each_tokenizer_decoding(tiny_model_dir, unk_model_dir, tmp_path):
+    """The second model's tokenizer decodes 'Oliver votes' as '<unk>li<unk>er <unk>otes': the
+    samples are still the same texts of the same data, compared and scored as such."""
+    data = write_summaries(tmp_path / "data.jsonl", DIALOGUES)
+    reports = eval_run.compare([str(tiny_model_dir), str(unk_model_dir)], str(data), "summarize", tmp_path / "cmp",
+                               sampling=eval_run.Sampling(temperature=0, max_new_tokens=2))
+    assert [r["samples"] for r in reports] == [5, 5]
+    for name in (tiny_model_dir.name, unk_model_dir.name):
+        references = [p["reference"] for p in read_jsonl(tmp_path / "cmp" / name / "predictions.jsonl")]
+        assert references == [s for _, s in DIALOGUES]
+    unk = load_tokenizer(str(unk_model_dir))
+    rows = prepared_rows(tmp_path / "cmp" / unk_model_dir.name)
+    assert [s.reference for s in samples_of([{k: v for k, v in row.items() if k != "trained_messages"}
+                                             for row in rows], unk, "<|im_end|>")][1] == \
+        "<unk>li<unk>er <unk>otes for the liberals."  # what keying by the decoded text compared
+
+
+def test_a_cut_context_keeps_the_whole_system_message(tiny_model_dir, tmp_path):
+    """No system prompt is configured: the system message is the data's own (`rows` contexts,
+    like persona lines), and a cut context keeps it whole, with the user's header."""
+    system = "Your persona: I live by the station.\nYour persona: I walk everywhere."
+    records = [{"input": long_dialogue(30), "response": "Two miles.", "contexts": system.split("\n")},
+               {"input": "Is it far?", "response": "No.", "contexts": system.split("\n")}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = evaluate(str(tiny_model_dir), str(data), "respond", out=tmp_path / "ev", quiet=True,
+                      sampling=eval_run.Sampling(temperature=0, max_new_tokens=6))
+    head_text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    predictions = read_jsonl(tmp_path / "ev" / "predictions.jsonl")
+    context = predictions[0]["context"]
+    assert context.startswith(head_text) and "museum, 0?" not in context
+    assert context.endswith("Tim1: Is the station far from the museum, 29?<|im_end|>\n<|im_start|>assistant\n")
+    assert predictions[0]["context_cut"] > 0 and predictions[1]["context_cut"] == 0
+    rows = prepared_rows(tmp_path / "ev")
+    assert [row["system_messages"] for row in rows] == [[system], [system]]
+    head = len(load_tokenizer(str(tiny_model_dir))(head_text, add_special_tokens=False)["input_ids"])
+    long_row = rows[0]
+    trained = [i for i, label in enumerate(long_row["labels"]) if label != IGNORE_INDEX]
+    end = trained[-1] + 1
+    assert report["cut"]["loss_samples"] == 1 and report["cut"]["heads_dropped"] == 0
+    window = long_row["input_ids"][:head] + long_row["input_ids"][end - (512 - head) : end]
+    window_labels = [IGNORE_INDEX] * (512 - len(trained)) + long_row["labels"][trained[0] : end]
+    model = load_model(tiny_model_dir)
+    parts = [loss_of(model, window, window_labels), loss_of(model, rows[1]["input_ids"], rows[1]["labels"])]
+    assert_loss(report, sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+
+def test_nothing_to_evaluate_is_refused(tiny_model_dir, summaries, tmp_path, capsys):
+    code = main(["eval", str(tiny_model_dir), "--data", str(summaries), "--task", "summarize", "--limit", "0",
+                 "-o", str(tmp_path / "ev")])
+    assert code == 2
+    assert capsys.readouterr().err == ("dialogtune eval: error: nothing to evaluate: --limit 0 (eval.limit in a job"
+                                       " config) selects no samples\n")
+    assert not (tmp_path / "ev").exists()
+    untrained = samples_of([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3}], None, "<|im_end|>")
+    with pytest.raises(DataError) as refused:
+        eval_run.require_samples(untrained, tmp_path / "ev" / "prepared", "validation", 1)
+    assert str(refused.value) == (f"nothing to evaluate: the validation split of {tmp_path / 'ev' / 'prepared'} has"
+                                  " no trained turns (1 examples); check the task and `as` (--as)")
+
+
+def test_the_reply_must_fit_the_decoder_of_an_encoder_decoder():
+    from types import SimpleNamespace
+
+    from dialogtune.errors import ConfigError
+
+    bart = SimpleNamespace(name="runs/bart", context_length=256, is_encoder_decoder=True)
+    assert eval_run.prompt_limit(bart, eval_run.Sampling(max_new_tokens=256)) == 256
+    with pytest.raises(ConfigError) as refused:
+        eval_run.prompt_limit(bart, eval_run.Sampling(max_new_tokens=257))
+    assert str(refused.value) == "--max-new-tokens 257 is more than runs/bart can write: its decoder has 256 positions"
 
 
 def test_train_evaluates_at_the_end_when_asked(tiny_model_dir, tmp_path):

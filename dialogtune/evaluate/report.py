@@ -37,10 +37,15 @@ def cut_line(report: dict) -> str | None:
     cut = report["cut"]
     if not cut["samples"] and not cut["loss_samples"]:
         return None
-    return (f"{report['model']}: context cut from the left, keeping the system prompt and instruction, in"
+    line = (f"{report['model']}: context cut from the left, keeping the system message and instruction, in"
             f" {cut['samples']} of {report['samples']} prompts ({cut['tokens']} tokens) to fit"
             f" {cut['prompt_limit']} tokens, and in {cut['loss_samples']} perplexity windows ({cut['loss_tokens']}"
             f" tokens) to fit {cut['context_length']}")
+    if cut["heads_dropped"] or cut["loss_heads_dropped"]:
+        line += (f"; the system message and instruction were cut too in {cut['heads_dropped']} prompts and"
+                 f" {cut['loss_heads_dropped']} windows (kept, they would take more than half the room or leave"
+                 " too little for the reply)")
+    return line
 
 
 def report_markdown(report: dict, results: list[dict]) -> str:

@@ -6,10 +6,16 @@
 
 The data is prepared as for training (same tokenizer and template as the model) but whole: no
 example is split or rejected for its length. Every trained turn is a sample: its context the
-prompt, the turn the reference. A context longer than the model can read (its context length
-less max_new_tokens) is cut from the left, keeping the system prompt and instruction and the
-end; report.json counts what was cut. Every model in a comparison is scored on the same samples
-(the same references, in the same order), or the comparison is refused.
+prompt, the turn (its text as the data has it) the reference. A context longer than the model
+can read is cut from the left, keeping the whole system message, the summarize instruction and
+the end; report.json counts what was cut. What a model can read: a decoder-only model holds
+prompt and reply in one context, so its context length less max_new_tokens; an encoder-decoder
+reads the prompt with its encoder and writes the reply in the decoder's own positions, so its
+whole context length.
+Every model in a comparison is scored on the same samples (the same references, in the same
+order), or the comparison is refused: all sample sets are prepared and compared first (that
+needs each model's tokenizer and template, not its weights), then the models are scored one at
+a time, each freed before the next loads.
 Generation is greedy unless sampling flags say otherwise, batched, streamed to
 predictions.jsonl as it goes, and resumable: a rerun skips the samples already done by the
 same model with the same decoding settings and prompt.
@@ -20,6 +26,7 @@ predictions.jsonl.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -28,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from dialogtune.config import build_config, load_yaml
-from dialogtune.errors import ConfigError, DataError
+from dialogtune.errors import ConfigError, DataError, ModelError, TemplateError
 from dialogtune.evaluate import metrics
 from dialogtune.evaluate.perplexity import SampleLoss, sample_losses
 from dialogtune.evaluate.report import (
@@ -46,17 +54,56 @@ from dialogtune.evaluate.samples import ContextFit, Sample, samples_of
 from dialogtune.files import write_json
 from dialogtune.generate import generate_replies
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
+from dialogtune.models import load_tokenizer, resolve
 from dialogtune.prepare import prepare
-from dialogtune.records import PreparedInfo
+from dialogtune.records import PreparedInfo, RunInfo, find_run_info
+from dialogtune.templates import detect_end_of_turn
 
 # Evaluation prepares whole examples; fitting them into a model's context is done per model, per sample.
 NO_LENGTH_LIMIT = 1 << 30
 
 
-def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
+@dataclass
+class Prompting:
+    """How a model is prompted, read without loading its weights: what preparing its samples and
+    checking its room for a prompt need. `load_chat_model` reads the same files the same way."""
+
+    name: str
+    location: str  # where the tokenizer (with the training template) is, as load_chat_model resolves it
+    tokenizer: Any
+    info: RunInfo | None
+    end_of_turn: str
+    speakers_as: list[str]
+    context_length: int
+    is_encoder_decoder: bool
+
+
+def load_prompting(name: str) -> Prompting:
+    from transformers import AutoConfig
+
+    final = find_run_info(Path(name)) if Path(name).exists() else None
+    info = RunInfo.load(final) if final else None
+    location = str(final) if final else resolve(name)
+    tokenizer = load_tokenizer(location)
+    if not tokenizer.chat_template:
+        raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
+    adapter = final is not None and (final / "adapter_config.json").exists()
+    weights = info.base_model_path if adapter and info else location
+    try:
+        config = AutoConfig.from_pretrained(weights)
+    except OSError as err:
+        raise ModelError(f"cannot load a model from {weights!r}: {err}") from err
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    return Prompting(name, location, tokenizer, info,
+                     info.end_of_turn if info else detect_end_of_turn(tokenizer, tokenizer.chat_template),
+                     info.speakers_as if info else ["assistant"], int(context),
+                     bool(getattr(config, "is_encoder_decoder", False)))
+
+
+def prepare_for(prompting: Prompting, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
     """Prepare the evaluation data with the model's own tokenizer and training template.
     `data` is a job YAML, a data file, or (from `train`) a job config as a dict."""
-    info = chat.info
+    info = prompting.info
     source = Path(data) if isinstance(data, str) else Path("config")
     if isinstance(data, dict):
         raw = {k: v for k, v in data.items() if k != "output"}
@@ -72,11 +119,11 @@ def prepare_for(chat: ChatModel, data: str | dict, task: str, split_name: str, o
     if info and info.system_prompt:  # prompted as chat and generate prompt the run
         raw["task"].setdefault("system_prompt", info.system_prompt)
     if task == "respond":
-        raw["task"].setdefault("as", [s for s in chat.speakers_as if s] or ["assistant"])
+        raw["task"].setdefault("as", [s for s in prompting.speakers_as if s] or ["assistant"])
     elif info and info.instruction:
         raw["task"]["instruction"] = info.instruction
-    raw.update(model={"name": chat.location}, output=str(out / "prepared"), pack=False,
-               template={"name": "model", "end_of_turn": chat.end_of_turn}, max_length=NO_LENGTH_LIMIT)
+    raw.update(model={"name": prompting.location}, output=str(out / "prepared"), pack=False,
+               template={"name": "model", "end_of_turn": prompting.end_of_turn}, max_length=NO_LENGTH_LIMIT)
     config = build_config(raw, str(source))
     return prepare(config, quiet=True).directory, split_name
 
@@ -100,10 +147,10 @@ def prediction_key(chat: ChatModel, sampling: Sampling, index: int, prompt: list
 
 @dataclass
 class Evaluation:
-    """One model and the samples it is to be scored on."""
+    """One model and the samples it is to be scored on: all of it but the model's weights."""
 
     model: str
-    chat: ChatModel
+    prompting: Prompting
     task: str
     prepared: Path
     samples: list[Sample]
@@ -111,30 +158,46 @@ class Evaluation:
     out: Path
 
 
-def load_evaluation(model: str, data: str | dict, task: str | None, split: str, limit: int | None,
-                    out: Path | None) -> Evaluation:
+def prepare_evaluation(model: str, data: str | dict, task: str | None, split: str, limit: int | None,
+                       out: Path | None) -> Evaluation:
+    """The model's samples, prepared with its tokenizer and template (its weights are not loaded)."""
     import datasets
 
-    chat = load_chat_model(model)
-    task = task or task_of(data) or (chat.info.task if chat.info else None) or "respond"
+    if limit is not None and limit <= 0:
+        raise DataError(f"nothing to evaluate: --limit {limit} (eval.limit in a job config) selects no samples")
+    prompting = load_prompting(model)
+    info = prompting.info
+    task = task or task_of(data) or (info.task if info else None) or "respond"
     if task not in MAIN_METRICS:
         raise DataError(f"--task {task!r}: evaluation covers {', '.join(MAIN_METRICS)}")
     out = Path(out or Path(model.rstrip("/")) / "eval" / (Path(data).stem if isinstance(data, str) else "validation"))
     out.mkdir(parents=True, exist_ok=True)
-    prepared, split = prepare_for(chat, data, task, split, out)
+    prepared, split = prepare_for(prompting, data, task, split, out)
     if not (prepared / split).exists():
         raise DataError(f"{prepared}: no {split} split (the data has too few dialogues to hold some out?)")
     rows = datasets.load_from_disk(str(prepared / split))
-    samples = samples_of(rows, chat.tokenizer, chat.end_of_turn, limit)
+    samples = samples_of(rows, prompting.tokenizer, prompting.end_of_turn, limit)
+    require_samples(samples, prepared, split, len(rows))
     task_config = PreparedInfo.load(prepared).config["task"]
-    kept = (task_config.get("system_prompt") or "", task_config["instruction"] if task == "summarize" else "")
-    return Evaluation(model, chat, task, prepared, samples, ContextFit(chat.tokenizer, kept), out)
+    fit = ContextFit(prompting.tokenizer, task_config.get("system_prompt"),
+                     task_config["instruction"] if task == "summarize" else None)
+    return Evaluation(model, prompting, task, prepared, samples, fit, out)
 
 
-def prompt_limit(chat: ChatModel, sampling: Sampling) -> int:
-    """The longest prompt the model can read: an encoder reads the prompt alone; a decoder-only
-    model must also hold the reply."""
+def require_samples(samples: list[Sample], prepared: Path, split: str, examples: int) -> None:
+    """Scoring nothing is no result: say so rather than report a perplexity of nan."""
+    if not samples:
+        raise DataError(f"nothing to evaluate: the {split} split of {prepared} has no trained turns"
+                        f" ({examples} examples); check the task and `as` (--as)")
+
+
+def prompt_limit(chat: ChatModel | Prompting, sampling: Sampling) -> int:
+    """The longest prompt the model can read: an encoder reads the prompt alone (and the decoder
+    writes the reply in positions of its own); a decoder-only model must also hold the reply."""
     if chat.is_encoder_decoder:
+        if sampling.max_new_tokens > chat.context_length:
+            raise ConfigError(f"--max-new-tokens {sampling.max_new_tokens} is more than {chat.name} can write: its"
+                              f" decoder has {chat.context_length} positions")
         return chat.context_length
     if sampling.max_new_tokens >= chat.context_length:
         raise ConfigError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt: {chat.name}"
@@ -145,8 +208,10 @@ def prompt_limit(chat: ChatModel, sampling: Sampling) -> int:
 def evaluate(model: str, data: str | dict, task: str | None = None, split: str = "validation", limit: int | None = None,
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
              quiet: bool = False) -> dict[str, Any]:
-    evaluation = load_evaluation(model, data, task, split, limit, out)
-    report = score(evaluation, sampling or Sampling(temperature=0, max_new_tokens=128), batch_size, quiet)
+    sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
+    evaluation = prepare_evaluation(model, data, task, split, limit, out)
+    prompt_limit(evaluation.prompting, sampling)  # refused before the weights load
+    report = score(evaluation, sampling, batch_size, quiet)
     if not quiet:
         print(format_table([report]))
         print(f"report: {evaluation.out / 'report.md'}")
@@ -154,17 +219,21 @@ def evaluate(model: str, data: str | dict, task: str | None = None, split: str =
 
 
 def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bool) -> dict[str, Any]:
-    """Generate for every sample (resuming), score the references' loss, write the reports."""
-    chat, samples = evaluation.chat, evaluation.samples
+    """Load the model, generate for every sample (resuming), score the references' loss, write the
+    reports. The model is referenced from nowhere once this returns."""
+    chat, samples = load_chat_model(evaluation.model), evaluation.samples
     limit = prompt_limit(chat, sampling)
-    prompts = [evaluation.fit(s.context_ids, limit) for s in samples]
+    fitted = [evaluation.fit(s.context_ids, limit, s.system) for s in samples]
+    prompts = [ids for ids, _ in fitted]
     started = time.perf_counter()
-    results = generate_all(evaluation, prompts, sampling, batch_size, quiet)
+    results = generate_all(evaluation, chat, prompts, sampling, batch_size, quiet)
     losses = sample_losses(chat, samples, evaluation.fit, batch_size)
     prompt_cuts = [len(s.context_ids) - len(p) for s, p in zip(samples, prompts, strict=True)]
     cut = {"context_length": chat.context_length, "prompt_limit": limit,
            "samples": sum(n > 0 for n in prompt_cuts), "tokens": sum(prompt_cuts),
-           "loss_samples": sum(s.cut > 0 for s in losses), "loss_tokens": sum(s.cut for s in losses)}
+           "heads_dropped": sum(dropped for _, dropped in fitted),
+           "loss_samples": sum(s.cut > 0 for s in losses), "loss_tokens": sum(s.cut for s in losses),
+           "loss_heads_dropped": sum(s.head_dropped for s in losses)}
     report = build_report(evaluation.model, evaluation.task, results, sum(s.loss for s in losses),
                           sum(s.tokens for s in losses), evaluation.prepared, sampling, cut,
                           time.perf_counter() - started)
@@ -178,12 +247,12 @@ def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bo
     return report
 
 
-def generate_all(evaluation: Evaluation, prompts: list[list[int]], sampling: Sampling, batch_size: int,
-                 quiet: bool) -> list[dict]:
+def generate_all(evaluation: Evaluation, chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
+                 batch_size: int, quiet: bool) -> list[dict]:
     """Every sample's prediction: those in predictions.jsonl whose prompt and reference still
     match are kept, the rest generated (shortest prompts first, so a batch wastes little on
     padding) and appended batch by batch, so an interrupted run loses at most one batch."""
-    chat, samples = evaluation.chat, evaluation.samples
+    samples = evaluation.samples
     keys = [prediction_key(chat, sampling, s.index, p, s.reference) for s, p in zip(samples, prompts, strict=True)]
     path = evaluation.out / "predictions.jsonl"
     done = {}
@@ -239,7 +308,7 @@ class SampleSet:
 
     model: str
     task: str
-    keys: list[tuple[int, str]]  # (index, reference): the same for any tokenizer
+    keys: list[tuple[int, str]]  # (index, reference as the data has it): the same for any tokenizer
     rejects: Path
 
     @classmethod
@@ -266,20 +335,32 @@ class SampleSet:
 
 def compare(models: list[str], data: str, task: str | None, out: Path, split: str = "validation",
             limit: int | None = None, sampling: Sampling | None = None, batch_size: int = 8) -> list[dict]:
-    """Evaluate each model in turn (one in memory at a time), each on the same samples."""
+    """Evaluate each model on the same samples: every sample set is prepared and compared, and
+    every model's room for a prompt checked, before any model loads; then one model at a time."""
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
-    reports, first = [], None
-    for model, directory in zip(models, output_dirs(models, out), strict=True):
-        evaluation = load_evaluation(model, data, task, split, limit, directory)
-        samples = SampleSet.of(evaluation)
-        first = first or samples
-        first.require_same(samples)
+    evaluations = [prepare_evaluation(model, data, task, split, limit, directory)
+                   for model, directory in zip(models, output_dirs(models, out), strict=True)]
+    first = SampleSet.of(evaluations[0])
+    for evaluation in evaluations[1:]:
+        first.require_same(SampleSet.of(evaluation))
+    for evaluation in evaluations:
+        prompt_limit(evaluation.prompting, sampling)
+    reports = []
+    for evaluation in evaluations:
         reports.append(score(evaluation, sampling, batch_size, quiet=False))
-        del evaluation  # frees the model before the next one loads
+        free_memory()  # the model just scored, before the next one loads
     print(format_table(reports))
     plot_comparison(reports, out / "compare.png")
     print(f"chart: {out / 'compare.png'}")
     return reports
+
+
+def free_memory() -> None:
+    """Collect what is no longer referenced (a model's modules hold reference cycles, which plain
+    reference counting never frees) and hand the GPU's cached blocks back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def output_dirs(models: list[str], out: Path) -> list[Path]:
