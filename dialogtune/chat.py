@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from dialogtune.errors import ConfigError
 from dialogtune.infer import Conversation, Sampling, load_chat_model
 
 HELP = """commands:
@@ -72,7 +73,16 @@ def command(line: str, conversation: Conversation, sampling: Sampling) -> str | 
         return f"(loaded {len(messages)} messages from {rest})"
     if name == "set":
         key, _, value = rest.partition(" ")
-        return set_sampling(sampling, key, value.strip()) if key and value else "usage: /set KEY VALUE"
+        if not (key and value):
+            return "usage: /set KEY VALUE"
+        before = sampling.max_new_tokens
+        said = set_sampling(sampling, key, value.strip())
+        try:
+            conversation.chat.check_reply_length(sampling.max_new_tokens, "max_new_tokens")
+        except ConfigError as err:  # refused here, so that no turn fails for it
+            sampling.max_new_tokens = before
+            return f"{err}; max_new_tokens stays {before}"
+        return said
     if name == "help":
         return HELP
     return f"unknown command /{name}; /help lists them"
@@ -83,6 +93,7 @@ def run_chat(model: str, *, sampling: Sampling, speaker_as: str | None = None, u
              load_in_4bit: bool = False) -> int:
     """The REPL; with `play`, that many turns against SCRIPTED_USER instead of the keyboard."""
     chat = load_chat_model(model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    chat.check_reply_length(sampling.max_new_tokens)  # refused before the conversation starts
     if speaker_as:
         chat.speakers_as = [speaker_as]
     conversation = Conversation(chat, system_prompt=system or chat.system_prompt, user_name=user,

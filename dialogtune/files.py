@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dialogtune.errors import RunError
+
 
 @contextlib.contextmanager
 def staged_dir(target: Path, *, may_replace: Callable[[Path], bool] | None = None,
@@ -20,8 +22,12 @@ def staged_dir(target: Path, *, may_replace: Callable[[Path], bool] | None = Non
     """Yield an empty staging directory on the target's file system; when the block ends
     without an error, it becomes `target` (an existing target is replaced, or, with
     `keep_existing`, kept and the new copy dropped: another process finished first).
-    `may_replace(target)` guards against deleting a directory that is not ours. On an error
-    the staging directory is removed and the target is untouched."""
+
+    `may_replace(target)` guards against deleting a directory that is not ours: a refused
+    replacement raises RunError (an output directory the user must change, whichever command
+    wrote it). Callers check the target before their work, with their own message; this one is
+    the backstop for a directory that appeared meanwhile. On any error the staging directory is
+    removed and the target is as it was."""
     target = Path(target)
     parent = target.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -33,17 +39,34 @@ def staged_dir(target: Path, *, may_replace: Callable[[Path], bool] | None = Non
                 shutil.rmtree(staging)
                 return
             if may_replace is not None and not may_replace(target):
-                raise FileExistsError(f"{target}: exists and is not ours to replace")
-            # Swap aside first, so the target is absent only between two renames.
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=parent))
-            os.replace(target, aside / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(aside, ignore_errors=True)
+                raise RunError(f"{target}: exists and is not ours to replace (it holds something dialogtune"
+                               " did not write); choose another output directory")
+            _swap(staging, target, parent)
         else:
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap(staging: Path, target: Path, parent: Path) -> None:
+    """Replace `target` by `staging`, moving the old target aside first, so the target is absent
+    only between two renames. If the second rename fails, the old target is moved back."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=parent))
+    old = aside / target.name
+    try:
+        os.replace(target, old)
+    except BaseException:
+        aside.rmdir()
+        raise
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        # Should this rename fail as well, the old copy stays in `aside`: never removed here.
+        os.replace(old, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -2,7 +2,8 @@
 
     dialogtune generate runs/sgd_respond --input chats.jsonl --output replies.jsonl
 
-Input: JSONL with OpenAI-style `messages` (the conversation so far), or a prepared dataset
+Input: JSONL with OpenAI-style `messages` (the conversation so far; roles system, user and
+assistant; `content` a string or a list of text parts), or a prepared dataset
 directory (its validation split: one sample per trained turn, its context everything before
 it, the turn itself as `reference`). Batches are sorted by length and padded (an encoder-decoder
 reads the prompt with its encoder and writes the reply with its decoder); decoding is greedy
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from dialogtune.errors import DataError
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers._io import iter_jsonl
+from dialogtune.readers.messages import content_text
 from dialogtune.tokenize import IGNORE_INDEX
 
 
@@ -34,12 +36,35 @@ def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[li
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{path}:{number}: expected a non-empty list field 'messages'")
-        if chat.system_prompt and messages[0].get("role") != "system":
+        messages = [checked_message(message, f"{path}:{number}: messages[{i}]") for i, message in enumerate(messages)]
+        if chat.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": chat.system_prompt}, *messages]
         text = chat.render(messages)
         records.append(record)
         prompts.append(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
     return records, prompts
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def checked_message(message: object, where: str) -> dict:
+    """A message as the templates read it: a known role and its content as text (OpenAI's list of
+    text parts joined); `name`, if given, a string or null. Anything else is a DataError naming `where`."""
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}")
+    if message.get("role") not in ROLES:
+        said = f"{message['role']!r}" if "role" in message else "none"
+        raise DataError(f"{where}: role {said}: expected one of {', '.join(ROLES)}")
+    if "content" not in message:
+        raise DataError(f"{where}: no 'content'")
+    try:
+        content = content_text(message["content"])
+    except ValueError as err:
+        raise DataError(f"{where}: content: {err}") from None
+    if message.get("name") is not None and not isinstance(message["name"], str):
+        raise DataError(f"{where}: name: expected a string, got {type(message['name']).__name__}")
+    return {**message, "content": content}
 
 
 def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple[list[dict], list[list[int]]]:
@@ -88,12 +113,22 @@ def pad_prompts(prompts: list[list[int]], pad: int, left: bool) -> tuple[torch.T
     return ids, mask
 
 
+def end_token_ids(chat: ChatModel) -> set[int]:
+    """The tokens that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
+    model = chat.model.get_base_model() if hasattr(chat.model, "get_base_model") else chat.model
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [*ids, chat.tokenizer.eos_token_id] if i is not None}
+
+
 def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
                      batch_size: int = 8, quiet: bool = False) -> list[tuple[str, bool]]:
     """A reply (cut at the first stop) and whether it stopped by itself, for each prompt, in order."""
+    chat.check_reply_length(sampling.max_new_tokens)
     tokenizer = chat.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = chat.stops_for(None)
+    eos = end_token_ids(chat)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[tuple[str, bool]] = [("", False)] * len(prompts)
     if sampling.seed is not None:
@@ -112,7 +147,9 @@ def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampli
             text, stopped = cut_at_stops(text, stops)
             if tokenizer.eos_token and tokenizer.eos_token in text:
                 text, stopped = text.split(tokenizer.eos_token)[0], True
-            results[index] = (text.strip(), stopped or len(new) < sampling.max_new_tokens)
+            # A row ends at a stop string or an end token (then generate pads it to the batch's width);
+            # a pad token sampled mid-reply (an untrained model does) is no end: not `len(new) < max`.
+            results[index] = (text.strip(), stopped or not eos.isdisjoint(row))
         bar.update(len(batch))
     bar.close()
     return results

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from dialogtune.errors import ModelError, TemplateError
+from dialogtune.errors import ConfigError, ModelError, TemplateError
 from dialogtune.models import load_tokenizer, quiet_peft, resolve
 from dialogtune.records import RunInfo, find_run_info
 from dialogtune.templates import detect_end_of_turn
@@ -85,6 +85,15 @@ class ChatModel:
             return self.context_length if prompt_tokens <= self.context_length else 0
         return self.context_length - prompt_tokens
 
+    def check_reply_length(self, max_new_tokens: int, flag: str = "--max-new-tokens") -> None:
+        """Refuse a reply longer than an encoder-decoder's decoder has positions for (torch would
+        fail with an IndexError at the first position past them). A decoder-only model's room
+        depends on the prompt: see reply_room."""
+        if self.is_encoder_decoder and max_new_tokens > self.context_length:
+            raise ConfigError(f"{flag} {max_new_tokens} is more than this encoder-decoder can write: its decoder"
+                              f" has {self.context_length} positions, so a reply has at most {self.context_length}"
+                              " tokens")
+
     def reply_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """The generated tokens of `generate`'s output: a decoder-only model's output repeats the
         (padded) prompt; an encoder-decoder's is the decoder's, which opens with its start token."""
@@ -115,7 +124,7 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
             raise ModelError("--load-in-8bit/--load-in-4bit need a CUDA GPU (bitsandbytes); none is visible here")
         from transformers import BitsAndBytesConfig
 
-        quantization["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        quantization["quantization_config"] = BitsAndBytesConfig(**quantization_options(load_in_8bit, load_in_4bit))
     final = find_run_info(Path(name)) if Path(name).exists() else None
     info = RunInfo.load(final) if final else None
     location = str(final) if final else resolve(name)
@@ -131,8 +140,25 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
     return chat_model(model, tokenizer, info, name=name, location=location)
 
 
+def quantization_options(load_in_8bit: bool, load_in_4bit: bool) -> dict[str, Any]:
+    """BitsAndBytesConfig's arguments. 4-bit is NF4 with double quantization and bf16 compute,
+    as QLoRA training quantizes the base (dialogtune.train.model): an adapter is used on the
+    base it was trained on."""
+    if load_in_4bit:
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": torch.bfloat16}
+    return {"load_in_8bit": load_in_8bit}
+
+
+def device_for(quantized: bool, cuda_available: bool) -> str | None:
+    """Where a loaded model is moved: the GPU when there is one, unless bitsandbytes quantized it
+    (it places the weights itself); None leaves it where from_pretrained put it (the CPU)."""
+    return "cuda" if cuda_available and not quantized else None
+
+
 def load_model(location: str, **kwargs):
-    """The model at `location` with its generation head: seq2seq for encoder-decoders, else causal."""
+    """The model at `location` with its generation head: seq2seq for encoder-decoders, else causal;
+    on the GPU when one is visible."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
@@ -142,12 +168,14 @@ def load_model(location: str, **kwargs):
     try:
         config = AutoConfig.from_pretrained(location)
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        return loader.from_pretrained(location, **kwargs)
+        model = loader.from_pretrained(location, **kwargs)
     except OSError as err:
         raise ModelError(f"cannot load a model from {location!r}: {err}") from err
     finally:
         if was_shown:
             hf_logging.enable_progress_bar()
+    device = device_for("quantization_config" in kwargs, torch.cuda.is_available())
+    return model.to(device) if device else model
 
 
 def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: str) -> ChatModel:
@@ -301,6 +329,7 @@ class Conversation:
 
     def prompt_ids(self, max_new_tokens: int) -> tuple[str, list[int]]:
         """The prompt, dropping the oldest turns (by tokens) until it and the reply fit."""
+        self.chat.check_reply_length(max_new_tokens)  # no history could make room for it
         while True:
             text = self.chat.render(self._chat_messages())
             known = self.keeps_cache and self._known_text and text.startswith(self._known_text)
@@ -314,7 +343,11 @@ class Conversation:
 
     def say(self, text: str, sampling: Sampling, on_text: Callable[[str], None] | None = None) -> Reply:
         self.messages.append({"role": "user", "content": text, "name": self.user_name})
-        reply = self.respond(sampling, on_text)
+        try:
+            reply = self.respond(sampling, on_text)
+        except BaseException:
+            self.messages.pop()  # unanswered: the user may change a setting and say it again
+            raise
         self.messages.append({"role": "assistant", "content": reply.raw, "name": self.chat.assistant_name})
         return reply
 

@@ -28,6 +28,29 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _missing(cls, data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields `cls` needs (those without a default) that `data` lacks, in declaration order."""
+    return [prefix + f.name for f in dataclasses.fields(cls) if f.name not in data
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def _read_object(path: Path, error: type[Exception], again: str) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file (and what to do: `again`) if there is none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise error(f"{path}: malformed JSON ({err}); {again}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}; {again}")
+    return data
+
+
+def _check_fields(path: Path, missing: list[str], error: type[Exception], again: str) -> None:
+    if missing:
+        raise error(f"{path}: missing field(s) {', '.join(missing)}; written by an older or newer dialogtune?"
+                    f" {again}")
+
+
 @dataclass(frozen=True)
 class TemplateInfo:
     name: str
@@ -68,7 +91,16 @@ class PreparedInfo:
         if not path.exists():
             raise DataError(f"{directory}: not a prepared dataset (no {PREPARED_FILE}); make one with"
                             " `dialogtune prepare`")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        again = "prepare the data again (`dialogtune prepare --force`)"
+        data = _read_object(path, DataError, again)
+        missing = _missing(cls, data)
+        for key, part in (("tokenizer", TokenizerInfo), ("template", TemplateInfo)):
+            if key in data:
+                if not isinstance(data[key], dict):
+                    raise DataError(f"{path}: {key}: expected a JSON object, got {type(data[key]).__name__};"
+                                    f" {again}")
+                missing += _missing(part, data[key], f"{key}.")
+        _check_fields(path, missing, DataError, again)
         return _from_dict(cls, {**data, "tokenizer": _from_dict(TokenizerInfo, data["tokenizer"]),
                                 "template": _from_dict(TemplateInfo, data["template"])})
 
@@ -96,7 +128,10 @@ class RunInfo:
         path = Path(directory) / RUN_INFO_FILE
         if not path.exists():
             raise RunError(f"{directory}: no finished run here ({path} is missing); train it first")
-        return _from_dict(cls, json.loads(path.read_text(encoding="utf-8")))
+        again = "train the run again"
+        data = _read_object(path, RunError, again)
+        _check_fields(path, _missing(cls, data), RunError, again)
+        return _from_dict(cls, data)
 
     @classmethod
     def of_training(cls, prepared: PreparedInfo, *, version: str, method: str, base_model: str,

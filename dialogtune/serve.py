@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette import EventSourceResponse
 
+from dialogtune.errors import ConfigError
 from dialogtune.infer import ChatModel, Conversation, Sampling
 from dialogtune.readers.messages import content_text
 
@@ -109,9 +110,15 @@ def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) ->
         raise ApiError(400, f"unknown model {request.model!r}; this server has {model_id!r}", param="model")
     if request.messages[-1].role == "assistant":
         raise ApiError(400, "the last message must be from the user (or system)", param="messages")
+    asked = request.max_completion_tokens or request.max_tokens
+    if asked is not None:
+        flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        try:
+            chat.check_reply_length(asked, flag)
+        except ConfigError as err:
+            raise ApiError(400, str(err), param=flag) from None
     prompt = chat.render([{"role": m.role, "content": m.content} for m in request.messages])
     length = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    asked = request.max_completion_tokens or request.max_tokens
     room = chat.reply_room(length)
     if room < 1 or (asked is not None and asked > room):
         raise ApiError(400, f"the prompt has {length} tokens; with max_tokens={asked or 1} it exceeds the"

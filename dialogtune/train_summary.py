@@ -26,7 +26,7 @@ def finish_run(config: TrainJobConfig, summary: dict, *, quiet: bool = False) ->
     run, prepared = Path(summary["run_dir"]), Path(config.output)
     split = "validation" if (prepared / "validation").exists() else "train"
     instruction = config.task.instruction if config.task.name == "summarize" else None
-    summary["samples"] = sample_replies(run, prepared, split, config.samples, instruction)
+    summary["samples"] = sample_replies(run, prepared, split, config.samples, instruction, **quantization_of(config))
     if config.eval.report and split == "validation":
         summary["eval_report"] = eval_report(config, run)
     write_json(run / "summary.json", summary)
@@ -35,7 +35,16 @@ def finish_run(config: TrainJobConfig, summary: dict, *, quiet: bool = False) ->
     return summary
 
 
-def sample_replies(run: Path, prepared: Path, split: str, count: int, instruction: str | None) -> list[dict[str, str]]:
+def quantization_of(config: TrainJobConfig) -> dict[str, bool]:
+    """load_chat_model's arguments that load the run's base as training did: a QLoRA base in its
+    4 or 8 bits (on the GPU, not full-precision in host memory); other bases as they are."""
+    if config.method != "qlora":
+        return {}
+    return {"load_in_4bit": True} if config.quantization_bits == 4 else {"load_in_8bit": True}
+
+
+def sample_replies(run: Path, prepared: Path, split: str, count: int, instruction: str | None, *,
+                   load_in_4bit: bool = False, load_in_8bit: bool = False) -> list[dict[str, str]]:
     """Greedy replies to the first `count` trained turns of a split, through the same path as
     `dialogtune generate` (the run's template, roles and stop strings), each with the message
     it answers as its context."""
@@ -46,7 +55,7 @@ def sample_replies(run: Path, prepared: Path, split: str, count: int, instructio
     from dialogtune.generate import generate_replies, prompts_from_prepared
     from dialogtune.infer import Sampling, load_chat_model
 
-    chat = load_chat_model(str(run))
+    chat = load_chat_model(str(run), load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     records, prompts = prompts_from_prepared(chat, prepared, split)
     replies = generate_replies(chat, prompts[:count], Sampling(temperature=0, max_new_tokens=SAMPLE_NEW_TOKENS),
                                quiet=True)

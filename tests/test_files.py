@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from dialogtune import files
+from dialogtune.errors import RunError
 from dialogtune.files import staged_dir, write_json
 
 
@@ -43,10 +45,33 @@ def test_a_directory_that_is_not_ours_is_not_replaced(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not ours"), staged_dir(target, may_replace=lambda p: False) as s:
+    with pytest.raises(RunError) as refused, staged_dir(target, may_replace=lambda p: False) as s:
         (s / "new.txt").write_text("new")
+    assert str(refused.value) == (f"{target}: exists and is not ours to replace (it holds something dialogtune"
+                                  " did not write); choose another output directory")
     assert (target / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real, calls = files.os.replace, []
+
+    def replace(source, destination):
+        calls.append((source, destination))
+        if len(calls) == 2:  # staging -> target, after the old target was moved aside
+            raise OSError("disk gone")
+        real(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"), staged_dir(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert len(calls) == 3 and calls[2][1] == target  # the third rename moved the old target back
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, no `.out-old-*` left
 
 
 def test_keep_existing_keeps_the_copy_that_finished_first(tmp_path):

@@ -76,3 +76,59 @@ def test_a_terminal_shows_progress_with_rate_and_time_left(tiny_run, tmp_path):
 def test_cut_at_stops():
     assert cut_at_stops("Fine.\nAlice: hi", ["\nAlice:", "<|im_end|>"]) == ("Fine.", True)
     assert cut_at_stops("Fine.", ["\nAlice:"]) == ("Fine.", False)
+
+
+def test_openai_text_parts_read_as_their_joined_text(tiny_run, tmp_path):
+    parts = [{"type": "text", "text": "Where is "}, {"type": "text", "text": "the station?"}]
+    rows = [{"id": "parts", "messages": [{"role": "user", "content": parts}]},
+            {"id": "text", "messages": [{"role": "user", "content": "Where is the station?"}]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--max-new-tokens", "6"]) == 0
+    written = read(tmp_path / "out.jsonl")
+    assert [r["messages"] for r in written] == [r["messages"] for r in rows]  # the input kept as it was
+    assert written[0]["reply"] == written[1]["reply"] and written[0]["stopped"] == written[1]["stopped"]
+
+
+@pytest.mark.parametrize(("message", "said"), [
+    ({"role": "user"}, "messages[1]: no 'content'"),
+    ({"role": "robot", "content": "hi"}, "messages[1]: role 'robot': expected one of system, user, assistant"),
+    ({"content": "hi"}, "messages[1]: role none: expected one of system, user, assistant"),
+    ("hi", "messages[1]: expected an object with 'role' and 'content', got str"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+     "messages[1]: content: part type(s) image_url not supported (only text parts are)"),
+    ({"role": "user", "content": 7}, ("messages[1]: content: expected a string or a list of content parts,"
+                                      " got a number")),
+    ({"role": "user", "content": "hi", "name": 3}, "messages[1]: name: expected a string, got int"),
+])
+def test_a_bad_message_is_named_by_line_and_index(tiny_run, tmp_path, capsys, message, said):
+    good = {"messages": [{"role": "user", "content": "hi"}]}
+    bad = {"messages": [{"role": "system", "content": "Be brief."}, message]}
+    (tmp_path / "in.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"dialogtune generate: error: {tmp_path / 'in.jsonl'}:2: {said}\n"
+
+
+def test_a_pad_token_inside_a_reply_is_not_its_end(tiny_run):
+    """An untrained model can sample the pad token mid-reply; only a stop or an end token ends one
+    (generate pads the rows that ended to the batch's width)."""
+    import torch
+
+    from dialogtune.generate import generate_replies
+    from dialogtune.infer import Sampling, load_chat_model
+
+    chat = load_chat_model(str(tiny_run / "run"))
+    tokenizer = chat.tokenizer
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    word = tokenizer(" there", add_special_tokens=False)["input_ids"]
+    assert len(word) == 1
+    written = [[word[0], pad, word[0], word[0]], [word[0], eos, pad, pad]]
+    prompt = tokenizer("Hi", add_special_tokens=False)["input_ids"]
+
+    def generate(input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor(written)], dim=1)
+
+    chat.model.generate = generate
+    replies = generate_replies(chat, [prompt, prompt], Sampling(temperature=0, max_new_tokens=4), quiet=True)
+    assert replies == [("there there there", False), ("there", True)]

@@ -112,3 +112,20 @@ def test_loading_a_local_run_draws_no_progress_bar_and_keeps_the_setting(tiny_ru
     load_chat_model(str(tiny_run))
     assert "Loading weights" not in capfd.readouterr().err  # only the conversation on screen
     assert hf_logging.is_progress_bar_enabled()  # hub downloads elsewhere keep their bars
+
+
+def test_a_model_goes_to_the_gpu_unless_bitsandbytes_placed_it():
+    from dialogtune.infer import device_for
+
+    assert device_for(quantized=False, cuda_available=True) == "cuda"
+    assert device_for(quantized=True, cuda_available=True) is None  # bitsandbytes put it on the GPU
+    assert device_for(quantized=False, cuda_available=False) is None
+
+
+def test_four_bit_loading_quantizes_as_qlora_training_did():
+    from dialogtune.infer import quantization_options
+
+    assert quantization_options(load_in_8bit=False, load_in_4bit=True) == {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.bfloat16}
+    assert quantization_options(load_in_8bit=True, load_in_4bit=False) == {"load_in_8bit": True}

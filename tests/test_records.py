@@ -65,3 +65,54 @@ def test_find_run_info_prefers_the_runs_final_directory(tmp_path):
     (tmp_path / "final" / "dialogtune.json").write_text("{}")
     assert find_run_info(tmp_path) == tmp_path / "final"
     assert find_run_info(tmp_path / "final") == tmp_path / "final"
+
+
+def run_info_dict() -> dict:
+    return dataclasses.asdict(RunInfo(dialogtune_version="0.1.0", method="lora", base_model="m", base_model_path="/m",
+                                      task="respond", template="chatml", end_of_turn="<|im_end|>",
+                                      speakers_as=["assistant"], stop_strings=["<|im_end|>"], max_length=512))
+
+
+def test_a_run_info_missing_fields_names_the_file_and_the_fields(tmp_path):
+    path = tmp_path / "dialogtune.json"
+    data = run_info_dict()
+    del data["end_of_turn"], data["task"], data["system_prompt"]  # system_prompt has a default: not needed
+    path.write_text(json.dumps(data))
+    with pytest.raises(RunError) as refused:
+        RunInfo.load(tmp_path)
+    assert str(refused.value) == (f"{path}: missing field(s) task, end_of_turn; written by an older or newer"
+                                  " dialogtune? train the run again")
+
+
+def test_a_run_info_that_is_not_a_json_object_is_named(tmp_path):
+    path = tmp_path / "dialogtune.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(RunError) as refused:
+        RunInfo.load(tmp_path)
+    assert str(refused.value) == f"{path}: expected a JSON object, got list; train the run again"
+    path.write_text('{"task": ')
+    with pytest.raises(RunError) as refused:
+        RunInfo.load(tmp_path)
+    assert str(refused.value) == (f"{path}: malformed JSON (Expecting value: line 1 column 10 (char 9));"
+                                  " train the run again")
+
+
+def test_a_prepared_info_missing_fields_names_them_with_their_section(tmp_path, tiny_model_dir):
+    prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    path = tmp_path / "out" / "prepare.json"
+    data = json.loads(path.read_text())
+    del data["stop_strings"], data["tokenizer"]["hash"], data["template"]["end_of_turn"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as refused:
+        PreparedInfo.load(tmp_path / "out")
+    assert str(refused.value) == (f"{path}: missing field(s) stop_strings, tokenizer.hash, template.end_of_turn;"
+                                  " written by an older or newer dialogtune? prepare the data again"
+                                  " (`dialogtune prepare --force`)")
+    path.write_text(json.dumps({**data, "template": "chatml"}))
+    with pytest.raises(DataError) as refused:
+        PreparedInfo.load(tmp_path / "out")
+    assert str(refused.value) == (f"{path}: template: expected a JSON object, got str; prepare the data again"
+                                  " (`dialogtune prepare --force`)")
+    path.write_text("{")
+    with pytest.raises(DataError, match=r"prepare.json: malformed JSON \(Expecting property name"):
+        PreparedInfo.load(tmp_path / "out")

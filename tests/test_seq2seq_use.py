@@ -15,7 +15,9 @@ import pytest
 import torch
 from test_serve import start_server
 
+from dialogtune.chat import command
 from dialogtune.cli import main
+from dialogtune.errors import ConfigError
 from dialogtune.generate import generate_replies, pad_prompts
 from dialogtune.infer import Conversation, Sampling, chat_model, load_chat_model
 from dialogtune.serve import create_app
@@ -182,7 +184,27 @@ def test_sampled_replies_equal_direct_generation_in_length_order(run, plain):
     assert any(text for text, _ in replies)
 
 
-def test_batched_encoder_inputs_are_right_padded_and_masked(run):
+def direct_batch(model, tokenizer, questions: list[str], max_new_tokens: int, seed: int,
+                 stops=("<|im_end|>",), **sampling) -> list[tuple[str, bool]]:
+    """What one `model.generate` call writes for a right-padded batch of questions (transformers'
+    own padding and mask), each reply cut at the first stop, and whether it stopped."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                stop_strings=list(stops), tokenizer=tokenizer, **sampling)
+    replies = []
+    for row in output[:, 1:].tolist():
+        text = tokenizer.decode([t for t in row if t != tokenizer.pad_token_id], skip_special_tokens=False)
+        cuts = [text.find(s) for s in (*stops, tokenizer.eos_token) if s in text]
+        replies.append((text[: min(cuts)].strip(), True) if cuts else (text.strip(), False))
+    return replies
+
+
+def test_batched_encoder_inputs_are_right_padded_and_masked(run, plain):
     chat = load_chat_model(str(run))
     prompts = encoder_prompts(chat)
     calls: list[dict] = []
@@ -194,23 +216,82 @@ def test_batched_encoder_inputs_are_right_padded_and_masked(run):
     for row, prompt in enumerate(sorted(prompts, key=len)):
         assert ids[row, : len(prompt)].tolist() == prompt and mask[row].tolist() == [1] * len(prompt) + [0] * (
             ids.shape[1] - len(prompt))
-    assert len(replies) == 5 and any(stopped for _, stopped in replies)
+    # One batch, answered shortest prompt first: the same draws as one direct call on that batch.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    direct = direct_batch(*plain, [QUESTIONS[i] for i in order], 24, seed=0, **SEEDED)
+    assert replies == [direct[order.index(i)] for i in range(len(prompts))]
+    assert any(stopped for _, stopped in replies) and not all(stopped for _, stopped in replies)
     assert not any(marker in text for text, _ in replies for marker in ("<|im_end|>", "</s>", "<pad>"))
+    greedy = Sampling(temperature=0, max_new_tokens=24)
+    assert generate_replies(chat, prompts, greedy, batch_size=5, quiet=True) == [
+        (raw.strip(), stopped) for raw, stopped in
+        (direct_reply(*plain, [{"role": "user", "content": q}], 24) for q in QUESTIONS)]
+
+
+def chats_of(rows) -> list[tuple[str, str]]:
+    """The question and answer of each prepared row, from the chats the fixture wrote (`c{i}`:
+    QUESTIONS[i % 6], ANSWERS[i % 6] of test_train_run): known without decoding anything."""
+    from test_train_run import ANSWERS
+    from test_train_run import QUESTIONS as ASKED
+
+    return [(ASKED[int(d[1:]) % 6], ANSWERS[int(d[1:]) % 6]) for [d] in rows["dialogue_ids"]]
 
 
 def test_generate_over_the_prepared_split_feeds_the_context_to_the_encoder(tiny_bart_run, plain, tmp_path):
+    import datasets
+
     assert main(["generate", str(tiny_bart_run / "run"), "--input", str(tiny_bart_run / "prepared"),
                  "--output", str(tmp_path / "val.jsonl"), "--max-new-tokens", "6"]) == 0
     records = read(tmp_path / "val.jsonl")
-    assert len(records) == 6  # 24 conversations, a quarter held out, one assistant turn each
+    rows = datasets.load_from_disk(str(tiny_bart_run / "prepared" / "validation"))
+    expected = [(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", answer)
+                for question, answer in chats_of(rows)]
+    assert len(expected) == 6  # 24 conversations, a quarter held out, one assistant turn each
+    assert [(r["context"], r["reference"]) for r in records] == expected
     model, tokenizer = plain
     for record in records:
-        assert record["context"].endswith("<|im_start|>assistant\n") and record["reference"]
         ids = tokenizer(record["context"], add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                     do_sample=False)
         assert record["reply"] == tokenizer.decode(output[0, 1:]).split("<|im_end|>")[0].split("</s>")[0].strip()
+
+
+def too_long(flag: str, asked: int) -> str:
+    return (f"{flag} {asked} is more than this encoder-decoder can write: its decoder has 256 positions, so a reply"
+            " has at most 256 tokens")
+
+
+def test_a_reply_longer_than_the_decoder_is_refused_before_generating(run, tmp_path, capsys):
+    chat = load_chat_model(str(run))
+    prompt = encoder_prompts(chat)[:1]
+    with pytest.raises(ConfigError) as refused:
+        generate_replies(chat, prompt, Sampling(max_new_tokens=257), quiet=True)
+    assert str(refused.value) == too_long("--max-new-tokens", 257)
+    history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "At the end."}]
+    conversation = Conversation(chat, messages=list(history))
+    with pytest.raises(ConfigError) as refused:
+        conversation.say(QUESTIONS[1], Sampling(max_new_tokens=257))
+    assert str(refused.value) == too_long("--max-new-tokens", 257)
+    assert conversation.messages == history  # nothing dropped to make room, the unanswered line taken back
+    sampling = Sampling(max_new_tokens=12)
+    assert command("/set max_new_tokens 300", conversation, sampling) == (
+        too_long("max_new_tokens", 300) + "; max_new_tokens stays 12")
+    assert sampling.max_new_tokens == 12
+    assert command("/set max_new_tokens 256", conversation, sampling) == "max_new_tokens = 256"
+    # The limit is exact: the decoder writes 256 tokens, and fails at the 257th.
+    ids = torch.tensor(prompt)
+    with torch.no_grad():
+        assert chat.model.generate(input_ids=ids, max_new_tokens=256, min_new_tokens=256).shape == (1, 257)
+        with pytest.raises(IndexError):
+            chat.model.generate(input_ids=ids, max_new_tokens=257, min_new_tokens=257)
+    write_questions(tmp_path / "in.jsonl")
+    assert main(["generate", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                 "--max-new-tokens", "257"]) == 2
+    assert capsys.readouterr().err == f"dialogtune generate: error: {too_long('--max-new-tokens', 257)}\n"
+    assert main(["chat", str(run), "--play", "1", "--max-new-tokens", "400"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"dialogtune chat: error: {too_long('--max-new-tokens', 400)}\n")
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +351,15 @@ def test_serve_accepts_text_parts_and_names_other_parts(server):
                                              " (only text parts are)")
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_serve_refuses_a_reply_longer_than_the_decoder(server, field):
+    response = httpx.post(f"{server}/v1/chat/completions", timeout=30, json={
+        "model": "bart", "messages": [{"role": "user", "content": "Hi"}], field: 300})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": too_long(field, 300), "type": "invalid_request_error",
+                                        "param": field, "code": None}
+
+
 def test_serve_stream_is_server_sent_events(server):
     with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=30, json={
             "model": "bart", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}) as r:
@@ -308,3 +398,42 @@ def test_a_plain_encoder_decoder_with_a_chat_template_chats(run):
     expected = direct_reply(model, AutoTokenizer.from_pretrained(base), [{"role": "user", "content": QUESTIONS[0]}],
                             8, seed=4, **SEEDED)
     assert (reply.raw, reply.stopped) == expected and reply.reused_tokens == 0
+
+
+def test_dialogtune_train_ends_with_samples_equal_to_direct_generation(tiny_bart_dir, tmp_path, capsys):
+    """`dialogtune train` on a YAML config: training, then the command layer's samples from the
+    saved run (train_summary through generate), printed and in summary.json."""
+    import datasets
+    import yaml
+    from test_train_run import write_chats
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from dialogtune.train_summary import SAMPLE_NEW_TOKENS
+
+    config = {
+        "data": {"path": str(write_chats(tmp_path / "chats.jsonl"))}, "task": {"as": "assistant"},
+        "split": {"validation": 0.25, "seed": 0}, "model": {"name": str(tiny_bart_dir)},
+        "template": {"name": "chatml"}, "max_length": 128, "pack": False, "output": str(tmp_path / "prepared"),
+        "method": "full",  # learns enough in 24 steps to write words before its end of turn
+        "train": {"max_steps": 24, "learning_rate": 0.01, "per_device_train_batch_size": 4, "logging_steps": 1,
+                  "warmup_steps": 0, "lr_scheduler_type": "constant", "report_to": []},
+        "eval": {"every": None}, "run_dir": str(tmp_path / "run"), "samples": 2,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "job.yaml")]) == 0
+    printed = capsys.readouterr().out
+
+    final = tmp_path / "run" / "final"
+    model = AutoModelForSeq2SeqLM.from_pretrained(final).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    rows = datasets.load_from_disk(str(tmp_path / "prepared" / "validation"))
+    expected = []
+    for question, answer in chats_of(rows)[:2]:
+        raw, _ = direct_reply(model, tokenizer, [{"role": "user", "content": question}], SAMPLE_NEW_TOKENS)
+        expected.append({"context": question, "reply": raw.strip(), "reference": answer})
+    assert all(sample["reply"] for sample in expected)  # words, not an empty reply
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples"] == expected and summary["steps"] == 24
+    shown = [f"  user: {s['context']}\n  model: {s['reply']}\n  (reference: {s['reference']})" for s in expected]
+    assert printed.endswith(f"run: {tmp_path / 'run'}   model: {final}   plot: {tmp_path / 'run' / 'loss.png'}\n"
+                            + "\n".join(shown) + "\n")

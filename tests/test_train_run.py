@@ -223,3 +223,44 @@ def test_seq2seq_bart_trains(tmp_path, tiny_bart_dir):
 def test_seq2seq_refuses_packed_data(tmp_path, tiny_bart_dir):
     with pytest.raises(RunError, match="cannot train on packed rows"):
         train(job(tmp_path, tiny_bart_dir, method="full", template={"name": "user_assistant"}, pack=True), quiet=True)
+
+
+def test_export_refuses_a_directory_that_is_not_a_dialogtune_model(tiny_job_dir, tmp_path, capsys, monkeypatch):
+    import peft
+
+    from dialogtune.cli import main
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the refusal must come before the merge work")
+
+    monkeypatch.setattr(peft.AutoPeftModelForCausalLM, "from_pretrained", no_merge)
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert main(["export", str(tiny_job_dir / "run"), "--merge", "-o", str(target)]) == 2
+    assert capsys.readouterr().err == (f"dialogtune export: error: {target}: exists and is not a dialogtune model"
+                                       " directory (no dialogtune.json); export would replace what it holds:"
+                                       " choose another -o\n")
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("a file")
+    assert main(["export", str(tiny_job_dir / "run"), "--merge", "-o", str(tmp_path / "file")]) == 2
+    assert "file: exists and is not a dialogtune model directory" in capsys.readouterr().err
+    final = tiny_job_dir / "run" / "final"
+    assert main(["export", str(tiny_job_dir / "run"), "--merge", "-o", str(final)]) == 2
+    assert capsys.readouterr().err == (f"dialogtune export: error: {final}: is the run's adapter, which the merged"
+                                       " model would replace; choose another -o\n")
+    assert (final / "adapter_config.json").exists()
+
+
+def test_export_writes_into_an_empty_directory_and_replaces_its_own_export(tiny_job_dir, tmp_path, capsys):
+    from dialogtune.cli import main
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    for _ in range(2):  # empty, then holding the first export (with its dialogtune.json)
+        assert main(["export", str(tiny_job_dir / "run"), "--merge", "-o", str(target)]) == 0
+        assert capsys.readouterr().out == f"merged model written to {target}\n"
+    assert sorted(p.name for p in target.iterdir()) == ["chat_template.jinja", "config.json", "dialogtune.json",
+                                                        "generation_config.json", "model.safetensors",
+                                                        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging or old copy left

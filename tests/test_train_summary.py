@@ -104,3 +104,33 @@ print(json.dumps(sorted(sys.modules)))
     forbidden = ("dialogtune.infer", "dialogtune.generate", "dialogtune.chat", "dialogtune.serve",
                  "dialogtune.evaluate", "dialogtune.train_summary")
     assert [name for name in loaded if name.startswith(forbidden)] == []
+
+
+def test_samples_load_a_qlora_base_in_its_training_bits(tmp_path):
+    from test_train_run import job
+
+    from dialogtune.train_summary import quantization_of
+
+    assert quantization_of(job(tmp_path, "m", method="qlora")) == {"load_in_4bit": True}
+    assert quantization_of(job(tmp_path, "m", method="qlora", quantization_bits=8)) == {"load_in_8bit": True}
+    assert quantization_of(job(tmp_path, "m", method="lora", quantization_bits=8)) == {}
+    assert quantization_of(job(tmp_path, "m", method="full")) == {}
+
+
+def test_finish_run_loads_the_run_with_the_quantization_of_its_config(tmp_path, monkeypatch):
+    """Up to loading the run: the rest needs the GPU and bitsandbytes that QLoRA trained on."""
+    from test_train_run import job
+
+    import dialogtune.infer
+
+    class Loaded(Exception):
+        pass
+
+    def load_chat_model(name, **kwargs):
+        raise Loaded(name, kwargs)
+
+    monkeypatch.setattr(dialogtune.infer, "load_chat_model", load_chat_model)
+    config = job(tmp_path, "m", method="qlora", quantization_bits=8, samples=2)
+    with pytest.raises(Loaded) as loaded:
+        finish_run(config, {"final": str(tmp_path / "run" / "final"), "run_dir": str(tmp_path / "run")}, quiet=True)
+    assert loaded.value.args == (str(tmp_path / "run"), {"load_in_4bit": False, "load_in_8bit": True})

@@ -18,7 +18,7 @@ from dialogtune.config import TrainJobConfig
 from dialogtune.errors import RunError
 from dialogtune.files import staged_dir
 from dialogtune.models import quiet_peft, resolve
-from dialogtune.records import PreparedInfo, RunInfo
+from dialogtune.records import RUN_INFO_FILE, PreparedInfo, RunInfo
 
 FINAL = "final"
 
@@ -45,12 +45,25 @@ def export_merged(run: Path, output: Path | None = None) -> Path:
     target = Path(output) if output else Path(run) / "merged"
     if info.method == "full":
         raise RunError(f"{run} was fully fine-tuned: {final} already is a plain model")
+    if target.resolve() == final.resolve():
+        raise RunError(f"{target}: is the run's adapter, which the merged model would replace; choose another -o")
+    if not may_hold_a_merge(target):  # checked before the minutes of merging
+        raise RunError(f"{target}: exists and is not a dialogtune model directory (no {RUN_INFO_FILE}); export"
+                       " would replace what it holds: choose another -o")
     config = AutoConfig.from_pretrained(info.base_model_path)
     loader = AutoPeftModelForSeq2SeqLM if config.is_encoder_decoder else AutoPeftModelForCausalLM
     with quiet_peft():
         model = loader.from_pretrained(str(final)).merge_and_unload()
-    with staged_dir(target) as staging:
+    with staged_dir(target, may_replace=may_hold_a_merge) as staging:
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(str(final)).save_pretrained(staging)
         info.save(staging)
     return target
+
+
+def may_hold_a_merge(target: Path) -> bool:
+    """Whether an export may be written to `target`, replacing what is there: absent, an empty
+    directory, or a model directory dialogtune wrote (it holds dialogtune.json)."""
+    if not target.exists():
+        return True
+    return target.is_dir() and (not any(target.iterdir()) or (target / RUN_INFO_FILE).is_file())
