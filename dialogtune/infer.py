@@ -115,6 +115,50 @@ class ChatModel:
         return self._criteria[key]
 
 
+@dataclass
+class Prompting:
+    """How a model is prompted, read without loading its weights: the run's recorded template,
+    roles and stop strings (or a plain model's own chat template) and the model's context length.
+    Enough to prepare evaluation samples or check a prompt's room before any weights load."""
+
+    name: str
+    location: str  # the tokenizer (with the training template); the weights too, unless an adapter
+    weights: str  # what from_pretrained loads: the base model under a LoRA adapter, else `location`
+    adapter: bool
+    tokenizer: Any
+    info: RunInfo | None  # the run's dialogtune.json; None for a plain model
+    end_of_turn: str
+    context_length: int
+    is_encoder_decoder: bool
+
+    @property
+    def speakers_as(self) -> list[str]:
+        return self.info.speakers_as if self.info else ["assistant"]
+
+
+def load_prompting(name: str) -> Prompting:
+    """A run directory, its final/ or merged/ directory, or any causal or encoder-decoder LM."""
+    from transformers import AutoConfig
+
+    final = find_run_info(Path(name)) if Path(name).exists() else None
+    info = RunInfo.load(final) if final else None
+    location = str(final) if final else resolve(name)
+    tokenizer = load_tokenizer(location)
+    if not tokenizer.chat_template:
+        raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
+    adapter = final is not None and (final / "adapter_config.json").exists()
+    weights = info.base_model_path if adapter else location
+    try:
+        config = AutoConfig.from_pretrained(weights)
+    except OSError as err:
+        raise ModelError(f"cannot load a model from {weights!r}: {err}") from err
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    end_of_turn = info.end_of_turn if info else detect_end_of_turn(tokenizer, tokenizer.chat_template)
+    return Prompting(name=name, location=location, weights=weights, adapter=adapter, tokenizer=tokenizer, info=info,
+                     end_of_turn=end_of_turn, context_length=int(context),
+                     is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
+
+
 def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> ChatModel:
     """A run directory, its final/ or merged/ directory, or any causal or encoder-decoder LM (with
     its own chat template). A LoRA run loads its base model with the adapter on top (PEFT)."""
@@ -125,19 +169,15 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
         from transformers import BitsAndBytesConfig
 
         quantization["quantization_config"] = BitsAndBytesConfig(**quantization_options(load_in_8bit, load_in_4bit))
-    final = find_run_info(Path(name)) if Path(name).exists() else None
-    info = RunInfo.load(final) if final else None
-    location = str(final) if final else resolve(name)
-    tokenizer = load_tokenizer(location)
-    adapter = final is not None and (final / "adapter_config.json").exists()
-    model = load_model(info.base_model_path if adapter else location, **quantization)
-    if adapter:
+    prompting = load_prompting(name)
+    model = load_model(prompting.weights, **quantization)
+    if prompting.adapter:
         from peft import PeftModel
 
         with quiet_peft():
-            model = PeftModel.from_pretrained(model, location)
+            model = PeftModel.from_pretrained(model, prompting.location)
     model.eval()
-    return chat_model(model, tokenizer, info, name=name, location=location)
+    return chat_model(model, prompting)
 
 
 def quantization_options(load_in_8bit: bool, load_in_4bit: bool) -> dict[str, Any]:
@@ -178,21 +218,16 @@ def load_model(location: str, **kwargs):
     return model.to(device) if device else model
 
 
-def chat_model(model, tokenizer, info: RunInfo | None, *, name: str, location: str) -> ChatModel:
-    """The one way to pair a loaded model with how it must be prompted: the run's recorded
-    template, roles and stop strings, or for a plain model its own chat template."""
-    template = tokenizer.chat_template
-    if not template:
-        raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
-    end_of_turn = info.end_of_turn if info else detect_end_of_turn(tokenizer, template)
+def chat_model(model, prompting: Prompting) -> ChatModel:
+    """The one way to pair a loaded model with how it must be prompted."""
+    info = prompting.info
     decode_by_sampling_only(model)
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     return ChatModel(
-        model=model, tokenizer=tokenizer, template=template, template_name=info.template if info else "model",
-        end_of_turn=end_of_turn, stop_strings=info.stop_strings if info else [end_of_turn],
-        speakers_as=info.speakers_as if info else ["assistant"], system_prompt=info.system_prompt if info else None,
-        context_length=int(context), name=name, location=location, info=info,
+        model=model, tokenizer=prompting.tokenizer, template=prompting.tokenizer.chat_template,
+        template_name=info.template if info else "model", end_of_turn=prompting.end_of_turn,
+        stop_strings=info.stop_strings if info else [prompting.end_of_turn], speakers_as=prompting.speakers_as,
+        system_prompt=info.system_prompt if info else None, context_length=prompting.context_length,
+        name=prompting.name, location=prompting.location, info=info,
     )
 
 

@@ -19,7 +19,7 @@ from dialogtune.chat import command
 from dialogtune.cli import main
 from dialogtune.errors import ConfigError
 from dialogtune.generate import generate_replies, pad_prompts
-from dialogtune.infer import Conversation, Sampling, chat_model, load_chat_model
+from dialogtune.infer import Conversation, Sampling, chat_model, load_chat_model, load_prompting
 from dialogtune.serve import create_app
 
 QUESTIONS = ["Where is the station?", "What time is it? Is it late already?", "Hi",
@@ -122,7 +122,7 @@ def test_generation_defaults_of_the_checkpoint_do_not_apply(run, plain):
     base = chat.model.get_base_model()
     base.generation_config.num_beams, base.generation_config.no_repeat_ngram_size = 4, 3
     base.generation_config.forced_bos_token_id = 0
-    chat = chat_model(chat.model, chat.tokenizer, chat.info, name=chat.name, location=chat.location)
+    chat = chat_model(chat.model, load_prompting(str(run)))
     config = chat.model.get_base_model().generation_config
     assert (config.num_beams, config.no_repeat_ngram_size, config.forced_bos_token_id) == (None, None, None)
     assert (config.decoder_start_token_id, config.eos_token_id) == (1, 1)

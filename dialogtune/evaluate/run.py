@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dialogtune.config import build_config, load_yaml
-from dialogtune.errors import ConfigError, DataError, ModelError, TemplateError
+from dialogtune.errors import ConfigError, DataError
 from dialogtune.evaluate import metrics
 from dialogtune.evaluate.perplexity import SampleLoss, sample_losses
 from dialogtune.evaluate.report import (
@@ -53,51 +53,12 @@ from dialogtune.evaluate.report import (
 from dialogtune.evaluate.samples import ContextFit, Sample, samples_of
 from dialogtune.files import write_json
 from dialogtune.generate import generate_replies
-from dialogtune.infer import ChatModel, Sampling, load_chat_model
-from dialogtune.models import load_tokenizer, resolve
+from dialogtune.infer import ChatModel, Prompting, Sampling, load_chat_model, load_prompting
 from dialogtune.prepare import prepare
-from dialogtune.records import PreparedInfo, RunInfo, find_run_info
-from dialogtune.templates import detect_end_of_turn
+from dialogtune.records import PreparedInfo
 
 # Evaluation prepares whole examples; fitting them into a model's context is done per model, per sample.
 NO_LENGTH_LIMIT = 1 << 30
-
-
-@dataclass
-class Prompting:
-    """How a model is prompted, read without loading its weights: what preparing its samples and
-    checking its room for a prompt need. `load_chat_model` reads the same files the same way."""
-
-    name: str
-    location: str  # where the tokenizer (with the training template) is, as load_chat_model resolves it
-    tokenizer: Any
-    info: RunInfo | None
-    end_of_turn: str
-    speakers_as: list[str]
-    context_length: int
-    is_encoder_decoder: bool
-
-
-def load_prompting(name: str) -> Prompting:
-    from transformers import AutoConfig
-
-    final = find_run_info(Path(name)) if Path(name).exists() else None
-    info = RunInfo.load(final) if final else None
-    location = str(final) if final else resolve(name)
-    tokenizer = load_tokenizer(location)
-    if not tokenizer.chat_template:
-        raise TemplateError(f"{name!r} has no chat template; train a run with dialogtune or pick a chat model")
-    adapter = final is not None and (final / "adapter_config.json").exists()
-    weights = info.base_model_path if adapter and info else location
-    try:
-        config = AutoConfig.from_pretrained(weights)
-    except OSError as err:
-        raise ModelError(f"cannot load a model from {weights!r}: {err}") from err
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    return Prompting(name, location, tokenizer, info,
-                     info.end_of_turn if info else detect_end_of_turn(tokenizer, tokenizer.chat_template),
-                     info.speakers_as if info else ["assistant"], int(context),
-                     bool(getattr(config, "is_encoder_decoder", False)))
 
 
 def prepare_for(prompting: Prompting, data: str | dict, task: str, split_name: str, out: Path) -> tuple[Path, str]:
