@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,30 @@ def _swap(staging: Path, target: Path, parent: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """A JSON file written whole or not at all."""
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that go by it still work);
+    when the block ends without an error it replaces `path` whole, else it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file written whole or not at all."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """One JSON record a line."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

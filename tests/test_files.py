@@ -8,7 +8,7 @@ import pytest
 
 from dialogtune import files
 from dialogtune.errors import RunError
-from dialogtune.files import staged_dir, write_json
+from dialogtune.files import staged_dir, staged_file, write_json, write_jsonl
 
 
 def test_new_directory_appears_only_when_the_block_ends(tmp_path):
@@ -91,3 +91,22 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == {"b": "é"}
     assert "é" in path.read_text(encoding="utf-8")  # kept readable, not \u-escaped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]
+
+
+def test_staged_file_keeps_the_suffix_and_leaves_nothing_on_error(tmp_path):
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"old")
+    with staged_file(path) as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path  # writers that pick a format by suffix work
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new"
+    with pytest.raises(OSError, match="disk full"), staged_file(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+def test_write_jsonl_writes_one_record_a_line(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    write_jsonl(path, [{"a": 1}, {"b": "é"}])
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'

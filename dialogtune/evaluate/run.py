@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from dialogtune.evaluate.report import (
     report_markdown,
 )
 from dialogtune.evaluate.samples import ContextFit, Sample, samples_of
-from dialogtune.files import write_json
+from dialogtune.files import write_json, write_jsonl, write_text
 from dialogtune.generate import generate_replies
 from dialogtune.infer import ChatModel, Prompting, Sampling, load_chat_model, load_prompting
 from dialogtune.prepare import prepare
@@ -202,7 +201,7 @@ def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bo
     if sessions:
         report["metrics_per_session"] = sessions
     write_json(evaluation.out / "report.json", report)
-    (evaluation.out / "report.md").write_text(report_markdown(report, results))
+    write_text(evaluation.out / "report.md", report_markdown(report, results))
     if not quiet and cut_line(report):
         print(cut_line(report))
     return report
@@ -242,13 +241,6 @@ def generate_all(evaluation: Evaluation, chat: ChatModel, prompts: list[list[int
     results = [done[key] for key in keys]
     write_jsonl(path, results)  # in sample order, without stale predictions for prompts that changed
     return results
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """A JSONL file replaced whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def per_session(samples: list[Sample], losses: list[SampleLoss]) -> dict[str, dict]:

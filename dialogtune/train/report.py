@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from dialogtune.files import staged_file
+
 
 class MetricsWriter(TrainerCallback):
     def __init__(self, run_dir: Path):
@@ -55,7 +57,6 @@ def plot_losses(metrics_path: Path, plot_path: Path) -> None:
     ax.legend()
     ax.set_title(metrics_path.parent.name)
     fig.tight_layout()
-    tmp = plot_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with staged_file(plot_path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(plot_path)
