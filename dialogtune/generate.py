@@ -113,14 +113,6 @@ def pad_prompts(prompts: list[list[int]], pad: int, left: bool) -> tuple[torch.T
     return ids, mask
 
 
-def end_token_ids(chat: ChatModel) -> set[int]:
-    """The tokens that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
-    model = chat.model.get_base_model() if hasattr(chat.model, "get_base_model") else chat.model
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    return {i for i in [*ids, chat.tokenizer.eos_token_id] if i is not None}
-
-
 def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
                      batch_size: int = 8, quiet: bool = False) -> list[tuple[str, bool]]:
     """A reply (cut at the first stop) and whether it stopped by itself, for each prompt, in order."""
@@ -128,7 +120,7 @@ def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampli
     tokenizer = chat.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = chat.stops_for(None)
-    eos = end_token_ids(chat)
+    eos = chat.end_token_ids()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[tuple[str, bool]] = [("", False)] * len(prompts)
     if sampling.seed is not None:

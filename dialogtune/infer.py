@@ -85,6 +85,13 @@ class ChatModel:
             return self.context_length if prompt_tokens <= self.context_length else 0
         return self.context_length - prompt_tokens
 
+    def end_token_ids(self) -> set[int]:
+        """The tokens that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        configured = model.generation_config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured]
+        return {i for i in [*ids, self.tokenizer.eos_token_id] if i is not None}
+
     def check_reply_length(self, max_new_tokens: int, flag: str = "--max-new-tokens") -> None:
         """Refuse a reply longer than an encoder-decoder's decoder has positions for (torch would
         fail with an IndexError at the first position past them). A decoder-only model's room
@@ -431,8 +438,8 @@ class Conversation:
                 **cache, **sampling.generate_kwargs())
         show(filter_.flush())
         new = self.chat.reply_tokens(output, len(ids))[0].tolist()
-        eos = self.chat.tokenizer.eos_token_id
-        stopped = filter_.stopped or (bool(new) and new[-1] == eos) or len(new) < sampling.max_new_tokens
+        # Ended by itself: a stop string or an end token; not max_new_tokens, max_time or cancel.
+        stopped = filter_.stopped or (bool(new) and new[-1] in self.chat.end_token_ids())
         raw = "".join(shown)
         if self.chat.tokenizer.eos_token:
             raw = raw.split(self.chat.tokenizer.eos_token)[0]

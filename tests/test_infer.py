@@ -104,6 +104,7 @@ def test_a_set_cancel_event_ends_generation(tiny_run):
     reply = conversation.respond(Sampling(temperature=0, max_new_tokens=60), on_text=lambda _: cancel.set(),
                                  cancel=cancel)
     assert 0 < reply.new_tokens < 10
+    assert reply.stopped is False  # cut short, not ended by the model: serve reports finish_reason "length"
 
 
 def test_loading_a_local_run_draws_no_progress_bar_and_keeps_the_setting(tiny_run, capfd):
