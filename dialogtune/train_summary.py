@@ -84,7 +84,7 @@ def eval_report(config: TrainJobConfig, run: Path) -> dict:
     from dialogtune.evaluate.run import evaluate
 
     report = evaluate(str(run), config.model_dump(mode="json", by_alias=True), limit=config.eval.limit,
-                      out=run / "eval", quiet=True)
+                      out=run / "eval", quiet=True, **quantization_of(config))
     return {"path": str(run / "eval" / "report.md"), "metrics": report["metrics"]}
 
 

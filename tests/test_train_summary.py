@@ -134,3 +134,23 @@ def test_finish_run_loads_the_run_with_the_quantization_of_its_config(tmp_path, 
     with pytest.raises(Loaded) as loaded:
         finish_run(config, {"final": str(tmp_path / "run" / "final"), "run_dir": str(tmp_path / "run")}, quiet=True)
     assert loaded.value.args == (str(tmp_path / "run"), {"load_in_4bit": False, "load_in_8bit": True})
+
+
+def test_the_eval_report_loads_a_qlora_run_in_its_training_bits(tmp_path, monkeypatch):
+    from test_train_run import job
+
+    import dialogtune.evaluate.run
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluate(model, data, **kwargs):
+        raise Evaluated(model, kwargs)
+
+    monkeypatch.setattr(dialogtune.evaluate.run, "evaluate", evaluate)
+    config = job(tmp_path, "m", method="qlora", quantization_bits=4, samples=0, eval={"report": True, "limit": 3})
+    (tmp_path / "prepared" / "validation").mkdir(parents=True)
+    with pytest.raises(Evaluated) as evaluated:
+        finish_run(config, {"final": str(tmp_path / "run" / "final"), "run_dir": str(tmp_path / "run")}, quiet=True)
+    assert evaluated.value.args == (str(tmp_path / "run"), {"limit": 3, "out": tmp_path / "run" / "eval",
+                                                            "quiet": True, "load_in_4bit": True})

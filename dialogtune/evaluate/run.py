@@ -167,21 +167,23 @@ def prompt_limit(chat: ChatModel | Prompting, sampling: Sampling) -> int:
 
 def evaluate(model: str, data: str | dict, task: str | None = None, split: str = "validation", limit: int | None = None,
              out: Path | None = None, sampling: Sampling | None = None, batch_size: int = 8,
-             quiet: bool = False) -> dict[str, Any]:
+             quiet: bool = False, load_in_4bit: bool = False, load_in_8bit: bool = False) -> dict[str, Any]:
     sampling = sampling or Sampling(temperature=0, max_new_tokens=128)
     evaluation = prepare_evaluation(model, data, task, split, limit, out)
     prompt_limit(evaluation.prompting, sampling)  # refused before the weights load
-    report = score(evaluation, sampling, batch_size, quiet)
+    report = score(evaluation, sampling, batch_size, quiet, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     if not quiet:
         print(format_table([report]))
         print(f"report: {evaluation.out / 'report.md'}")
     return report
 
 
-def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bool) -> dict[str, Any]:
+def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bool, *, load_in_4bit: bool = False,
+          load_in_8bit: bool = False) -> dict[str, Any]:
     """Load the model, generate for every sample (resuming), score the references' loss, write the
     reports. The model is referenced from nowhere once this returns."""
-    chat, samples = load_chat_model(evaluation.model), evaluation.samples
+    chat = load_chat_model(evaluation.model, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    samples = evaluation.samples
     limit = prompt_limit(chat, sampling)
     fitted = [evaluation.fit(s.context_ids, limit, s.system) for s in samples]
     prompts = [ids for ids, _ in fitted]
