@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dialogtune.errors import DataError
+from dialogtune.errors import ConfigError, DataError
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers._io import iter_jsonl
 from dialogtune.readers.messages import content_text
@@ -113,10 +113,23 @@ def pad_prompts(prompts: list[list[int]], pad: int, left: bool) -> tuple[torch.T
     return ids, mask
 
 
+def check_room(chat: ChatModel, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse prompts that leave a decoder-only model no room for the reply: past its context,
+    positions it never learned give nonsense, or an IndexError with learned position embeddings."""
+    crowded = [i for i, prompt in enumerate(prompts) if chat.reply_room(len(prompt)) < max_new_tokens]
+    if crowded:
+        first = crowded[0]
+        raise ConfigError(f"{len(crowded)} of {len(prompts)} prompts leave no room for --max-new-tokens"
+                          f" {max_new_tokens} in the model's context of {chat.context_length} tokens (the first:"
+                          f" number {first + 1}, {len(prompts[first])} tokens); shorten those conversations or"
+                          " lower --max-new-tokens")
+
+
 def generate_replies(chat: ChatModel, prompts: list[list[int]], sampling: Sampling,
                      batch_size: int = 8, quiet: bool = False) -> list[tuple[str, bool]]:
     """A reply (cut at the first stop) and whether it stopped by itself, for each prompt, in order."""
     chat.check_reply_length(sampling.max_new_tokens)
+    check_room(chat, prompts, sampling.max_new_tokens)
     tokenizer = chat.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = chat.stops_for(None)

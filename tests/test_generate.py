@@ -132,3 +132,15 @@ def test_a_pad_token_inside_a_reply_is_not_its_end(tiny_run):
     chat.model.generate = generate
     replies = generate_replies(chat, [prompt, prompt], Sampling(temperature=0, max_new_tokens=4), quiet=True)
     assert replies == [("there there there", False), ("there", True)]
+
+
+def test_prompts_that_leave_no_room_for_the_reply_are_refused(tiny_run, tmp_path, capsys):
+    lines = [{"messages": [{"role": "user", "content": "Where is the station?"}]},
+             {"messages": [{"role": "user", "content": "Hello there! " * 200}]}]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", str(tiny_run / "run"), "--input", str(tmp_path / "long.jsonl"),
+                 "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "64"]) == 2
+    err = capsys.readouterr().err
+    assert ("1 of 2 prompts leave no room for --max-new-tokens 64 in the model's context of 512 tokens (the first:"
+            " number 2, ") in err
+    assert not (tmp_path / "o.jsonl").exists()
