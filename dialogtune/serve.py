@@ -41,6 +41,11 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, role: object) -> object:
+        return "system" if role == "developer" else role  # OpenAI's newer name for the system message
+
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, content: object) -> str:

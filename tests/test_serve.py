@@ -78,6 +78,16 @@ def test_openai_client_plain_and_streaming_agree(server):
     assert "<|im_end|>" not in streamed
 
 
+def test_a_developer_message_is_the_system_prompt(server):
+    def prompt_tokens(messages: list[dict]) -> int:
+        answer = client(server).chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=2)
+        return answer.usage.prompt_tokens
+
+    system = prompt_tokens([{"role": "system", "content": "Answer briefly."}, *HELLO])
+    assert prompt_tokens([{"role": "developer", "content": "Answer briefly."}, *HELLO]) == system
+    assert system > prompt_tokens(HELLO)  # the instruction is in the prompt, as a system message
+
+
 def test_models_and_health(server):
     assert [m.id for m in client(server).models.list()] == ["tiny"]
     assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": "tiny", "waiting": 0}
