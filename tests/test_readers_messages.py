@@ -13,8 +13,6 @@ from dialogtune.readers.messages import content_text
 MESSAGES = FIXTURES / "messages.jsonl"
 
 
-
-
 def test_openai_messages_with_system_text():
     dialogues, _ = split_items(messages.read(MESSAGES))
     first = dialogues[0]
@@ -26,6 +24,16 @@ def test_openai_messages_with_system_text():
         ("user", "Covered or uncovered?"),
         ("assistant", "Loosely tented with foil."),
     ]
+
+
+def test_a_developer_message_is_the_system_text(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "developer", "content": "Be terse."},
+                                             {"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    (dialogue,), rejects = split_items(messages.read(path))
+    assert dialogue.meta == {"system": "Be terse."} and rejects == []
+    assert turn_pairs(dialogue) == [("user", "Hi"), ("assistant", "Hello.")]
 
 
 def test_sharegpt_conversations():

@@ -17,7 +17,7 @@ from dialogtune.readers._io import base_suffix, iter_jsonl, load_json
 from dialogtune.textfix import clean_text
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}
+                  "system": "system", "developer": "system", "bot": "assistant", "model": "assistant"}
 
 
 def _records(path: Path):
