@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_with_chatml, tiny_llama
 
 # Tiny models gain nothing from two threads, and OpenMP's spinning makes them 40x slower when
 # the other core is busy. One thread keeps the suite fast and its timings steady.
@@ -58,22 +59,7 @@ def metaspace_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, byte_tokenizer):
     """A tiny random Llama-style model and its tokenizer (with a ChatML template) on disk."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dialogtune.templates import shipped_source
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, pad_token_id=byte_tokenizer.pad_token_id,
-                         bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    byte_tokenizer.chat_template = shipped_source("chatml")
-    byte_tokenizer.save_pretrained(directory)
-    byte_tokenizer.chat_template = None
-    return directory
+    return save_with_chatml(tmp_path_factory.mktemp("tiny-llama"), tiny_llama(byte_tokenizer), byte_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -94,20 +80,13 @@ def tiny_bart_dir(tmp_path_factory, byte_tokenizer):
     """A tiny random BART (encoder-decoder) and its tokenizer (with a ChatML template) on disk."""
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from dialogtune.templates import shipped_source
-
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-bart")
     config = BartConfig(vocab_size=len(byte_tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                         max_position_embeddings=256, pad_token_id=byte_tokenizer.pad_token_id,
                         bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
                         decoder_start_token_id=byte_tokenizer.eos_token_id, forced_eos_token_id=None)
-    BartForConditionalGeneration(config).save_pretrained(directory)
-    byte_tokenizer.chat_template = shipped_source("chatml")
-    byte_tokenizer.save_pretrained(directory)
-    byte_tokenizer.chat_template = None
-    return directory
+    return save_with_chatml(tmp_path_factory.mktemp("tiny-bart"), BartForConditionalGeneration(config), byte_tokenizer)
 
 
 @pytest.fixture(scope="session")

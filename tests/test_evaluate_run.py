@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import save_with_chatml, tiny_llama
 
 from dialogtune.cli import main
 from dialogtune.errors import DataError
@@ -46,21 +47,22 @@ def write_summaries(path, pairs):
 @pytest.fixture(scope="module")
 def unk_model_dir(tmp_path_factory, metaspace_tokenizer):
     """A tiny random Llama-style model whose tokenizer knows no 'O', 'C' or 'v' (they become <unk>)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_with_chatml(tmp_path_factory.mktemp("unk-llama"), tiny_llama(metaspace_tokenizer, layers=1),
+                            metaspace_tokenizer)
 
-    from dialogtune.templates import shipped_source
 
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("unk-llama")
-    config = LlamaConfig(vocab_size=len(metaspace_tokenizer), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, bos_token_id=metaspace_tokenizer.bos_token_id,
-                         eos_token_id=metaspace_tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    metaspace_tokenizer.chat_template = shipped_source("chatml")
-    metaspace_tokenizer.save_pretrained(directory)
-    metaspace_tokenizer.chat_template = None
-    return directory
+@pytest.fixture
+def generated(monkeypatch) -> list:
+    """Every prompt evaluation generates for, from the moment the test asks for this on."""
+    prompts: list = []
+    real = eval_run.generate_replies
+
+    def counting(chat, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return real(chat, batch, *args, **kwargs)
+
+    monkeypatch.setattr(eval_run, "generate_replies", counting)
+    return prompts
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +184,11 @@ def test_the_same_eval_twice_gives_identical_metrics(tiny_model_dir, summaries, 
     assert json.loads((tmp_path / "a" / "report.json").read_text())["metrics"] == first["metrics"]
 
 
-def test_an_interrupted_eval_resumes_without_redoing_samples(tiny_model_dir, summaries, tmp_path, monkeypatch):
+def test_an_interrupted_eval_resumes_without_redoing_samples(tiny_model_dir, summaries, tmp_path, generated):
     sampling = eval_run.Sampling(temperature=0, max_new_tokens=5)
     evaluate(str(tiny_model_dir), str(summaries), "summarize", limit=4, out=tmp_path / "ev", quiet=True,
              sampling=sampling)  # stands in for a run stopped after 4 samples
-    generated = []
-    real = eval_run.generate_replies
-
-    def counting(chat, prompts, *args, **kwargs):
-        generated.extend(prompts)
-        return real(chat, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(eval_run, "generate_replies", counting)
+    generated.clear()
     report = evaluate(str(tiny_model_dir), str(summaries), "summarize", out=tmp_path / "ev", quiet=True,
                       sampling=sampling)
     assert len(generated) == 6 and report["samples"] == 10
@@ -444,16 +439,8 @@ def test_a_comparison_needs_one_task(tmp_path):
     base.require_same(eval_run.SampleSet("other", "respond", [(0, "Hi.")], tmp_path / "c" / "rejects.jsonl"))
 
 
-def test_models_of_one_name_never_share_predictions(tiny_model_dir, tmp_path, monkeypatch):
+def test_models_of_one_name_never_share_predictions(tiny_model_dir, tmp_path, generated):
     data = write_summaries(tmp_path / "data.jsonl", DIALOGUES[:3])
-    generated = []
-    real = eval_run.generate_replies
-
-    def counting(chat, prompts, *args, **kwargs):
-        generated.extend(prompts)
-        return real(chat, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(eval_run, "generate_replies", counting)
     eval_run.compare([str(tiny_model_dir), f"{tiny_model_dir}/"], str(data), "summarize", tmp_path / "cmp",
                      sampling=eval_run.Sampling(temperature=0, max_new_tokens=2))
     name = tiny_model_dir.name
