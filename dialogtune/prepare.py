@@ -10,6 +10,7 @@ with the same config, data and tokenizer is a cache hit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +222,9 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     parts = {split: [t for t in tokenized if (t.example.group in held_out) == (split == "validation")]
              for split in SPLITS}
     with staged_dir(out, may_replace=is_prepared_dataset) as staging:
-        split_stats = {split: write_split(staging / split, items, config, f"{key}-{split}")
-                       for split, items in parts.items()}
+        with datasets_bars(shown=not quiet):
+            split_stats = {split: write_split(staging / split, items, config, f"{key}-{split}")
+                           for split, items in parts.items()}
         elapsed = time.perf_counter() - started
         stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
         stats["warnings"] = warnings
@@ -235,6 +238,21 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         print(summary_line(out, stats))
     print_warnings(stats)
     return Prepared(out, stats, False)
+
+
+@contextlib.contextmanager
+def datasets_bars(shown: bool) -> Iterator[None]:
+    """datasets draws a bar per split it saves: noise inside eval or train, which prepare quietly."""
+    import datasets
+
+    hidden_before = datasets.are_progress_bars_disabled()
+    if not shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not hidden_before:
+            datasets.enable_progress_bars()
 
 
 def print_warnings(stats: dict[str, Any]) -> None:

@@ -274,3 +274,11 @@ def test_mostly_narration_warns_and_strict_refuses(tmp_path, tiny_model_dir, cap
     with pytest.raises(StrictError) as err:  # the same preparation, now a cache hit
         prepare(file_config(tmp_path, tiny_model_dir, data, data=forced, strict=True), quiet=True)
     assert str(err.value) == f"{note} (stopped: --strict)"
+
+
+def test_a_quiet_preparation_draws_no_bars_and_leaves_the_setting(tmp_path, tiny_model_dir, capfd):
+    import datasets
+
+    prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
+    assert "Saving the dataset" not in capfd.readouterr().err  # eval and train prepare quietly
+    assert not datasets.are_progress_bars_disabled()
