@@ -9,6 +9,7 @@
     dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY]
     dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
     dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
+    dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
 """
 
 from __future__ import annotations
@@ -169,6 +170,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dialogtune.retrieval.schemas import load_functions, write_tools_json
+
+    functions = load_functions(Path(path) for path in args.schemas)
+    write_tools_json(functions, Path(args.output))
+    services = {function.service or function.name for function in functions}  # a plain tool is its own service
+    print(f"wrote {len(functions)} functions from {len(services)} services to {args.output}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -229,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", nargs="+", metavar="MODEL", help="evaluate several models on the same samples (refused if their samples differ)")
     p.add_argument("--batch-size", type=int, default=8)
     _sampling_flags(p, temperature=0.0, max_new_tokens=128)
+    p = sub.add_parser("schema", help="write the functions of SGD schemas or tools JSON files as one OpenAI tools JSON")
+    p.add_argument("schemas", nargs="+", metavar="SCHEMA",
+                   help="an SGD split directory, its schema.json, or a tools JSON (several are merged)")
+    p.add_argument("-o", "--output", required=True, help="the tools JSON to write")
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
-                "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval}
+                "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval,
+                "schema": cmd_schema}
     try:
         return handlers[args.command](args)
     except DialogtuneError as err:  # input or setup the user can fix: a message, not a traceback
