@@ -10,6 +10,8 @@
     dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
     dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
     dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
+    dialogtune index SCHEMA [...] [--exemplars SGD_DIR|FILE ...] [--embedder NAME] -o INDEX_DIR
+    dialogtune retrieve INDEX_DIR "utterance" [-k 8] [--fusion rrf|sum|union|intersection]
 """
 
 from __future__ import annotations
@@ -180,6 +182,39 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    import time
+
+    from dialogtune.retrieval.exemplars import extract_sgd_exemplars, load_exemplars
+    from dialogtune.retrieval.index import build_index, save_index
+    from dialogtune.retrieval.schemas import load_functions
+
+    functions = load_functions(Path(path) for path in args.schemas)
+    exemplars = []
+    for source in map(Path, args.exemplars):
+        if source.is_dir() or source.name.startswith("dialogues_"):  # SGD dialogues
+            exemplars += extract_sgd_exemplars(source)[0]
+        else:  # hand-written {"Function": [{"template": ...}]}
+            exemplars += load_exemplars(source, functions)
+    started = time.perf_counter()
+    index = build_index(functions, exemplars, embedder=args.embedder, query_instruction=args.query_instruction)
+    save_index(index, Path(args.output))
+    print(f"indexed {len(index.functions)} functions and {len(index.exemplars)} exemplar templates with "
+          f"{index.embedder} in {time.perf_counter() - started:.1f}s -> {args.output}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from dialogtune.retrieval.index import load_index
+
+    index = load_index(Path(args.index), embedder=args.embedder)
+    for rank, candidate in enumerate(index.retrieve(args.utterance, top_k=args.k, fusion=args.fusion), start=1):
+        print(f"{rank}. {candidate.function.name}  {candidate.score:.4f}  {candidate.function.description}")
+        for exemplar in candidate.exemplars[:args.show_exemplars]:
+            print(f"     {exemplar.template}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -244,10 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("schemas", nargs="+", metavar="SCHEMA",
                    help="an SGD split directory, its schema.json, or a tools JSON (several are merged)")
     p.add_argument("-o", "--output", required=True, help="the tools JSON to write")
+    p = sub.add_parser("index", help="build a hybrid retrieval index over function schemas and exemplars")
+    p.add_argument("schemas", nargs="+", metavar="SCHEMA",
+                   help="an SGD split directory, its schema.json, or a tools JSON (several are merged)")
+    p.add_argument("--exemplars", action="append", default=[], metavar="SOURCE",
+                   help="an SGD split directory or dialogues file, or a hand-written exemplars JSON/YAML (repeatable)")
+    p.add_argument("--embedder", default="minilm-l6-v2",
+                   help="a sentence-transformers model name or directory (default: the embedded minilm-l6-v2)")
+    p.add_argument("--query-instruction", default="",
+                   help="a prefix for queries against descriptions, for models trained with one (default none)")
+    p.add_argument("-o", "--output", required=True, help="the index directory to write")
+    p = sub.add_parser("retrieve", help="the candidate functions for an utterance, from an index")
+    p.add_argument("index", help="a directory written by `dialogtune index`")
+    p.add_argument("utterance")
+    p.add_argument("-k", type=int, default=8, help="functions taken from each search before fusion (default 8)")
+    p.add_argument("--fusion", default="rrf", choices=["rrf", "sum", "union", "intersection"])
+    p.add_argument("--embedder", help="refuse to run unless the index was built with this embedder")
+    p.add_argument("--show-exemplars", type=int, default=3, metavar="N", help="exemplars shown per function (default 3)")
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
                 "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval,
-                "schema": cmd_schema}
+                "schema": cmd_schema, "index": cmd_index, "retrieve": cmd_retrieve}
     try:
         return handlers[args.command](args)
     except DialogtuneError as err:  # input or setup the user can fix: a message, not a traceback

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_with_chatml, tiny_llama
+from helpers import save_with_chatml, tiny_llama, tiny_sentence_embedder
 
 # Tiny models gain nothing from two threads, and OpenMP's spinning makes them 40x slower when
 # the other core is busy. One thread keeps the suite fast and its timings steady.
@@ -102,3 +102,9 @@ def tiny_bart_run(tmp_path_factory, tiny_bart_dir):
     train(job(directory, tiny_bart_dir, pack=False, task={"as": "assistant", "context": {"rounds": 2}},
               train={"max_steps": 8}, eval={"every": None}, samples=0), quiet=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(tmp_path_factory):
+    """A tiny random sentence-transformers model without a Normalize module."""
+    return tiny_sentence_embedder(tmp_path_factory.mktemp("tiny-embedder"))

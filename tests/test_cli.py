@@ -88,3 +88,20 @@ def test_train_prints_the_summary_with_a_sample_reply(tmp_path, tiny_model_dir, 
     assert sample["reference"] == question.replace("Question", "Answer").replace("?", ".")
     assert re.search(r"; last train loss \d+\.\d{4}; skipped steps 0\n", shown)
     assert f"  user: {question}\n  model: {sample['reply']}\n  (reference: {sample['reference']})" in shown
+
+
+def test_index_and_retrieve(tmp_path, tiny_embedder_dir, capsys):
+    from helpers import FIXTURES
+
+    sgd = FIXTURES / "retrieval" / "sgd"
+    exemplars = tmp_path / "exemplars.yaml"
+    exemplars.write_text("Weather_1__GetWeather:\n  - template: Will it rain in <city>?\n")
+    assert main(["index", str(sgd), "--exemplars", str(sgd), "--exemplars", str(exemplars),
+                 "--embedder", str(tiny_embedder_dir), "-o", str(tmp_path / "index")]) == 0
+    assert "indexed 5 functions and 5 exemplar templates" in capsys.readouterr().out
+    assert main(["retrieve", str(tmp_path / "index"), "hail a cab to the airport", "--fusion", "union"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\d\. RideSharing_2__GetRide  \d\.\d{4}  .+\n     Get me a cab to <destination> for 2\.$", out,
+                     re.MULTILINE), out
+    assert main(["retrieve", str(tmp_path / "index"), "rain?", "--embedder", "minilm-l6-v2"]) == 2
+    assert "built with the embedder" in capsys.readouterr().err

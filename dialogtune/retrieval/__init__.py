@@ -1,9 +1,12 @@
-"""Finding the right function for an utterance: function schemas and exemplars (more to come:
-a hybrid index, find-k, embedder fine-tuning). Used by the understanding task at prepare time
+"""Finding the right function for an utterance: function schemas, exemplars and a hybrid index
+(more to come: find-k, embedder fine-tuning). Used by the understanding task at prepare time
 and by inference alike."""
 
 from dialogtune.retrieval.exemplars import Exemplar, ExtractionStats, extract_sgd_exemplars, load_exemplars
+from dialogtune.retrieval.fusion import fuse
+from dialogtune.retrieval.index import Candidate, RetrievalIndex, build_index, load_index, save_index
 from dialogtune.retrieval.schemas import Function, Parameter, load_functions, read_functions, write_tools_json
 
-__all__ = ["Exemplar", "ExtractionStats", "Function", "Parameter", "extract_sgd_exemplars", "load_exemplars",
-           "load_functions", "read_functions", "write_tools_json"]
+__all__ = ["Candidate", "Exemplar", "ExtractionStats", "Function", "Parameter", "RetrievalIndex", "build_index",
+           "extract_sgd_exemplars", "fuse", "load_exemplars", "load_functions", "load_index", "read_functions",
+           "save_index", "write_tools_json"]
