@@ -12,6 +12,8 @@
     dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
     dialogtune index SCHEMA [...] [--exemplars SGD_DIR|FILE ...] [--embedder NAME] -o INDEX_DIR
     dialogtune retrieve INDEX_DIR "utterance" [-k 8] [--fusion rrf|sum|union|intersection]
+    dialogtune train-embedder CONFIG.yaml [--set key=value ...]
+    dialogtune findk INDEX_DIR --queries SGD_DIR|QUERIES.jsonl [...] [-K 16] [--target 0.98] -o DIR
 """
 
 from __future__ import annotations
@@ -215,6 +217,37 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findk(args: argparse.Namespace) -> int:
+    from dialogtune.retrieval.findk import find_k, read_queries, write_report
+    from dialogtune.retrieval.index import load_index
+
+    index = load_index(Path(args.index), embedder=args.embedder)
+    results, misses = find_k(index, read_queries(Path(path) for path in args.queries), max_k=args.K,
+                             target=args.target, fusion=args.fusion, max_exemplars=args.max_exemplars,
+                             drop_seen=args.drop_seen)
+    write_report(results, misses, Path(args.output))
+    for group in ("seen", "unseen"):
+        for name in ("descriptions", "exemplars", "hybrid"):
+            summary = results["groups"][group][name]
+            if summary["queries"]:
+                reached = (f"k={summary['smallest_k']}" if summary["smallest_k"]
+                           else f"not reached (best {summary['best_recall']:.3f})")
+                print(f"{group:6} {name:12} n={summary['queries']:<5} recall@{args.K} {summary['recall'][-1]:.3f}  "
+                      f"{args.target} at {reached}")
+    print(f"{results['queries']} queries ({results['dropped_seen']} dropped as seen), latency p50 "
+          f"{results['latency_ms']['p50']:.1f} ms p95 {results['latency_ms']['p95']:.1f} ms, "
+          f"{results['misses']} misses -> {args.output}")
+    return 0
+
+
+def cmd_train_embedder(args: argparse.Namespace) -> int:
+    from dialogtune.retrieval.finetune import describe, load_config, train_embedder
+
+    summary = train_embedder(load_config(Path(args.config), parse_overrides(args.overrides)))
+    print(describe(summary))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dialogtune.inspect import inspect
 
@@ -296,10 +329,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", default="rrf", choices=["rrf", "sum", "union", "intersection"])
     p.add_argument("--embedder", help="refuse to run unless the index was built with this embedder")
     p.add_argument("--show-exemplars", type=int, default=3, metavar="N", help="exemplars shown per function (default 3)")
+    p = sub.add_parser("findk", help="recall of the gold function for k = 1..K: how many candidates to retrieve")
+    p.add_argument("index", help="a directory written by `dialogtune index`")
+    p.add_argument("--queries", nargs="+", required=True, metavar="DATA",
+                   help="SGD split directories or dialogues files, or JSONL of {\"utterance\", \"function\"}")
+    p.add_argument("-K", type=int, default=16, help="the largest k (default 16)")
+    p.add_argument("--target", type=float, default=0.98, help="the recall to reach (default 0.98)")
+    p.add_argument("--fusion", default="rrf", choices=["rrf", "sum", "union", "intersection"])
+    p.add_argument("--max-exemplars", type=int, default=8, help="templates kept per function (default 8)")
+    p.add_argument("--drop-seen", action="store_true",
+                   help="leave out queries whose utterance the index holds, instead of refusing them")
+    p.add_argument("--embedder", help="refuse to run unless the index was built with this embedder")
+    p.add_argument("-o", "--output", required=True, help="the report directory to write")
+    p = sub.add_parser("train-embedder", help="fine-tune the retrieval embedder on exemplars (hard negatives mined)")
+    p.add_argument("config", help="the YAML config (embedder, schemas, exemplars, pairs, validation, train, output)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=300 (repeatable)")
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
                 "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval,
-                "schema": cmd_schema, "index": cmd_index, "retrieve": cmd_retrieve}
+                "schema": cmd_schema, "index": cmd_index, "retrieve": cmd_retrieve, "train-embedder": cmd_train_embedder,
+                "findk": cmd_findk}
     try:
         return handlers[args.command](args)
     except DialogtuneError as err:  # input or setup the user can fix: a message, not a traceback

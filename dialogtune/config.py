@@ -240,3 +240,37 @@ def build_config(raw: dict[str, Any], source: str = "config", schema: type[Prepa
                                            and e["loc"][0] in training_only for e in err.errors()):
             return PrepareConfig.model_validate({k: v for k, v in raw.items() if k in PrepareConfig.model_fields})
         raise ConfigError(describe_errors(err, schema, source)) from None
+
+
+class EmbedderTrainConfig(Strict):
+    """`dialogtune train-embedder`: fine-tune a sentence embedder for retrieval. `train:` goes to
+    sentence-transformers' SentenceTransformerTrainingArguments unchanged (max_steps,
+    num_train_epochs, per_device_train_batch_size, learning_rate, seed, ...)."""
+
+    embedder: str = "minilm-l6-v2"  # the base model: embedded name, sentence-transformers name or directory
+    schemas: list[str]  # SGD split directories, schema.json or tools JSON files
+    exemplars: list[str]  # SGD split directories or dialogues files, or hand-written exemplar JSON/YAML
+    pairs: list[Literal["template", "description"]] = Field(default=["template", "description"], min_length=1)
+    validation: float = Field(default=0.1, ge=0.0, lt=1.0)  # share of dialogues held out
+    seed: int = 0  # the validation split (and train.seed unless given)
+    train: dict[str, Any] = Field(default_factory=dict)
+    output: str = "embedder"  # the sentence-transformers model directory to write
+
+    @field_validator("schemas", "exemplars", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("schemas", "exemplars")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one path")
+        return value
+
+    @field_validator("pairs")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each kind of pair at most once, got {value!r}")
+        return value

@@ -46,22 +46,26 @@ def tiny_llama(tokenizer, layers: int = 2):
 
 def tiny_sentence_embedder(directory: Path, normalize: bool = False) -> Path:
     """A tiny random sentence-transformers model (BERT, 2 layers, 32 dimensions, a WordPiece
-    vocabulary trained on a few sentences, mean pooling) saved in `directory`. Without
+    vocabulary of a few sentences' words and single letters, mean pooling) saved in `directory`. Without
     `normalize` it has no Normalize module, so its raw vectors are not unit length."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     corpus = ["book a table at a restaurant for dinner", "find a restaurant in the city",
               "what is the weather like tomorrow", "play a song by an artist", "get me a cab to the airport",
               "reserve restaurant name city party size", "song name weather city destination riders"] * 10
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary is written out, not trained: a trainer breaks frequency ties differently from
+    # run to run, and the model's numbers would change with it.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = sorted({word for sentence in corpus for word in sentence.split()})
+    pieces = [*specials, *letters, *(f"##{c}" for c in letters), *(w for w in words if w not in letters)]
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
