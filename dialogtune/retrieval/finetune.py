@@ -203,7 +203,7 @@ def pairs_loss(model, loss, mined: Sequence[tuple[Pair, str]], batch_size: int, 
                 columns = ([mined[r][0].anchor for r in batch], [mined[r][0].positive for r in batch],
                            [mined[r][1] for r in batch])
                 features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v
-                             for k, v in model.tokenize(texts).items()} for texts in columns]
+                             for k, v in model.preprocess(texts).items()} for texts in columns]
                 total += float(loss(features, None)) * len(batch)
     finally:
         model.train(was_training)
