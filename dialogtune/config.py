@@ -3,6 +3,7 @@ the key, the bad value and what would be valid."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -274,3 +275,19 @@ class EmbedderTrainConfig(Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"each kind of pair at most once, got {value!r}")
         return value
+
+
+def check_passed_through(given: dict[str, Any], arguments_class: type, protected: dict[str, str],
+                         command: str) -> None:
+    """`train:` keys go to a transformers/sentence-transformers arguments dataclass as they are:
+    refuse those the command sets itself (`protected`: key -> what to do instead) and those the
+    class does not know (with "did you mean")."""
+    for key in given:
+        if key in protected:
+            raise ConfigError(f"train.{key} is managed by {command}{protected[key]}")
+    fields = {f.name for f in dataclasses.fields(arguments_class)}
+    unknown = [k for k in given if k not in fields]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"train: unknown {arguments_class.__name__} key(s): {', '.join(hints)}")

@@ -25,8 +25,6 @@ run did) that `dialogtune index --embedder DIR` loads like any other.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import random
 import tempfile
 import time
@@ -38,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from dialogtune.config import EmbedderTrainConfig, build_config, load_yaml, merge
+from dialogtune.config import EmbedderTrainConfig, build_config, check_passed_through, load_yaml, merge
 from dialogtune.errors import ConfigError, DataError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.retrieval.embedder import embed, load_embedder
@@ -48,7 +46,8 @@ from dialogtune.retrieval.schemas import Function, load_functions
 from dialogtune.split import validation_groups
 
 PAIR_KINDS = ("template", "description")
-PROTECTED = {"output_dir": "output", "batch_sampler": None}  # train.* keys this command sets itself
+# train.* keys this command sets itself, and what to do instead
+PROTECTED = {"output_dir": "; set output instead", "batch_sampler": " (no_duplicates, which the loss needs)"}
 TRAIN_LOSS_SAMPLE = 1024  # training pairs whose loss is measured before and after
 SUMMARY_FILE = "train_embedder.json"
 MINING_CHUNK = 1024  # anchors scored at once (a chunk x pool matrix of float32)
@@ -243,16 +242,7 @@ def training_arguments(config: EmbedderTrainConfig, output_dir: str):
     import torch
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    for key in config.train:
-        if key in PROTECTED:
-            use = f"; set {PROTECTED[key]} instead" if PROTECTED[key] else " (no_duplicates, which the loss needs)"
-            raise ConfigError(f"train.{key} is managed by dialogtune train-embedder{use}")
-    fields = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
-    unknown = [k for k in config.train if k not in fields]
-    if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, n=1)) else k
-                 for k in unknown]
-        raise ConfigError(f"train: unknown SentenceTransformerTrainingArguments key(s): {', '.join(hints)}")
+    check_passed_through(config.train, SentenceTransformerTrainingArguments, PROTECTED, "dialogtune train-embedder")
     batch = config.train.get("per_device_train_batch_size", 32)
     defaults: dict[str, Any] = {
         "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch, "learning_rate": 2e-5,

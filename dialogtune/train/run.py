@@ -14,8 +14,6 @@ layer's (dialogtune.train_summary), since training never imports inference or ev
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import os
 import resource
@@ -28,7 +26,7 @@ import torch
 
 import dialogtune
 from dialogtune.collate import CausalCollator, Seq2SeqCollator
-from dialogtune.config import TrainJobConfig
+from dialogtune.config import TrainJobConfig, check_passed_through
 from dialogtune.errors import ConfigError, DataError, RunError
 from dialogtune.files import write_json
 from dialogtune.loss import core_model
@@ -43,10 +41,11 @@ from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
 
 # Keys of `train:` that dialogtune sets itself (each has its own config key or is derived).
 PROTECTED = {
-    "output_dir": "run_dir", "bf16": "precision", "fp16": "precision",
-    "save_total_limit": "eval.keep_best", "metric_for_best_model": "eval.metric",
-    "greater_is_better": "eval.greater_is_better", "load_best_model_at_end": "eval.keep_best",
-    "remove_unused_columns": None, "resume_from_checkpoint": "resume",
+    "output_dir": "; set run_dir instead", "bf16": "; set precision instead", "fp16": "; set precision instead",
+    "save_total_limit": "; set eval.keep_best instead", "metric_for_best_model": "; set eval.metric instead",
+    "greater_is_better": "; set eval.greater_is_better instead",
+    "load_best_model_at_end": "; set eval.keep_best instead", "remove_unused_columns": "",
+    "resume_from_checkpoint": "; set resume instead",
 }
 RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
 
@@ -76,10 +75,7 @@ def check_run_dir(run: Path, config: TrainJobConfig, overwrite: bool, resume: bo
 def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_validation: bool):
     from transformers import TrainingArguments
 
-    for key in config.train:
-        if key in PROTECTED:
-            use = f"; set {PROTECTED[key]} instead" if PROTECTED[key] else ""
-            raise ConfigError(f"train.{key} is managed by dialogtune{use}")
+    check_passed_through(config.train, TrainingArguments, PROTECTED, "dialogtune")
     every = config.eval.every
     defaults: dict[str, Any] = {
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 2e-4,
@@ -91,12 +87,6 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
     }
     if every:
         defaults.update(save_steps=every, eval_steps=every)
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = [k for k in config.train if k not in fields]
-    if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, n=1)) else k
-                 for k in unknown]
-        raise ConfigError(f"train: unknown TrainingArguments key(s): {', '.join(hints)}")
     try:
         return TrainingArguments(
             output_dir=str(run / "checkpoints"),
