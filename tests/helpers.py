@@ -81,3 +81,17 @@ def tiny_sentence_embedder(directory: Path, normalize: bool = False) -> Path:
     modules = [transformer, Pooling(32, "mean")] + ([Normalize()] if normalize else [])
     SentenceTransformer(modules=modules, device="cpu").save(str(directory / "model"))
     return directory / "model"
+
+
+def load_without_dialogtune(run: Path, auto_class):
+    """A LoRA run loaded the way any PEFT user would: its base model (`auto_class`), the adapter
+    on top, and the tokenizer carrying the training template. What dialogtune's replies are
+    checked against."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    info = json.loads((run / "final" / "dialogtune.json").read_text())
+    model = PeftModel.from_pretrained(auto_class.from_pretrained(info["base_model_path"]), str(run / "final"))
+    return model.eval(), AutoTokenizer.from_pretrained(run / "final")

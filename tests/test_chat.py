@@ -9,6 +9,7 @@ import warnings
 
 import pexpect
 import pytest
+from helpers import load_without_dialogtune
 from test_seq2seq_use import direct_reply
 
 from dialogtune.chat import command, set_sampling
@@ -26,13 +27,9 @@ def tiny_run(tiny_job_dir):
 @pytest.fixture(scope="module")
 def plain(tiny_run):
     """The run loaded without dialogtune: base model plus adapter, tokenizer with the training template."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    info = json.loads((tiny_run / "final" / "dialogtune.json").read_text())
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(info["base_model_path"]),
-                                      str(tiny_run / "final"))
-    return model.eval(), AutoTokenizer.from_pretrained(tiny_run / "final")
+    return load_without_dialogtune(tiny_run, AutoModelForCausalLM)
 
 
 def spawn(*args: str) -> pexpect.spawn:

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import load_without_dialogtune
 from test_serve import start_server
 
 from dialogtune.chat import command
@@ -35,12 +36,9 @@ def run(tiny_bart_run):
 @pytest.fixture(scope="module")
 def plain(run):
     """The run loaded without dialogtune: base model plus adapter, tokenizer with the training template."""
-    from peft import PeftModel
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
-    info = json.loads((run / "final" / "dialogtune.json").read_text())
-    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(info["base_model_path"]), str(run / "final"))
-    return model.eval(), AutoTokenizer.from_pretrained(run / "final")
+    return load_without_dialogtune(run, AutoModelForSeq2SeqLM)
 
 
 def direct_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, stops=("<|im_end|>", "</s>"),
