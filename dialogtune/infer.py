@@ -166,9 +166,10 @@ def load_prompting(name: str) -> Prompting:
                      is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
 
 
-def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> ChatModel:
+def load_chat_model(name: str | Prompting, *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> ChatModel:
     """A run directory, its final/ or merged/ directory, or any causal or encoder-decoder LM (with
-    its own chat template). A LoRA run loads its base model with the adapter on top (PEFT)."""
+    its own chat template). A LoRA run loads its base model with the adapter on top (PEFT).
+    Given a `Prompting` already read (eval reads it first), only the weights are loaded."""
     quantization = {}
     if load_in_8bit or load_in_4bit:
         if not torch.cuda.is_available():
@@ -176,8 +177,8 @@ def load_chat_model(name: str, *, load_in_8bit: bool = False, load_in_4bit: bool
         from transformers import BitsAndBytesConfig
 
         quantization["quantization_config"] = BitsAndBytesConfig(**quantization_options(load_in_8bit, load_in_4bit))
-    prompting = load_prompting(name)
-    model = load_model(prompting.weights, **quantization)
+    prompting = name if isinstance(name, Prompting) else load_prompting(name)
+    model = load_model(prompting.weights, prompting.is_encoder_decoder, **quantization)
     if prompting.adapter:
         from peft import PeftModel
 
@@ -203,18 +204,17 @@ def device_for(quantized: bool, cuda_available: bool) -> str | None:
     return "cuda" if cuda_available and not quantized else None
 
 
-def load_model(location: str, **kwargs):
+def load_model(location: str, encoder_decoder: bool, **kwargs):
     """The model at `location` with its generation head: seq2seq for encoder-decoders, else causal;
     on the GPU when one is visible."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     was_shown = hf_logging.is_progress_bar_enabled()
     if Path(location).is_dir():  # loading local weights takes a blink: its bar is noise before a chat
         hf_logging.disable_progress_bar()  # (a hub download keeps its bar)
     try:
-        config = AutoConfig.from_pretrained(location)
-        loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        loader = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
         model = loader.from_pretrained(location, **kwargs)
     except OSError as err:
         raise ModelError(f"cannot load a model from {location!r}: {err}") from err

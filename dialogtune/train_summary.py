@@ -28,6 +28,7 @@ def finish_run(config: TrainJobConfig, summary: dict, *, quiet: bool = False) ->
     instruction = config.task.instruction if config.task.name == "summarize" else None
     summary["samples"] = sample_replies(run, prepared, split, config.samples, instruction, **quantization_of(config))
     if config.eval.report and split == "validation":
+        gc.collect()  # the samples' model, in reference cycles too: never two copies of the run in memory
         summary["eval_report"] = eval_report(config, run)
     write_json(run / "summary.json", summary)
     if not quiet:

@@ -291,7 +291,7 @@ def test_compare_prepares_every_model_first_then_scores_one_at_a_time(tiny_model
 
     def loading(name, **kwargs):
         assert [ref() for ref in models] == [None] * len(models)  # every model before this one is gone
-        events.append(("load", name))
+        events.append(("load", name.name))  # eval hands over the Prompting it read first
         chat = real_load(name, **kwargs)
         models.append(weakref.ref(chat.model))
         return chat

@@ -182,7 +182,7 @@ def score(evaluation: Evaluation, sampling: Sampling, batch_size: int, quiet: bo
           load_in_8bit: bool = False) -> dict[str, Any]:
     """Load the model, generate for every sample (resuming), score the references' loss, write the
     reports. The model is referenced from nowhere once this returns."""
-    chat = load_chat_model(evaluation.model, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    chat = load_chat_model(evaluation.prompting, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     samples = evaluation.samples
     limit = prompt_limit(chat, sampling)
     fitted = [evaluation.fit(s.context_ids, limit, s.system) for s in samples]
