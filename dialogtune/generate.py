@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dialogtune.errors import ConfigError, DataError
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers._io import iter_jsonl
-from dialogtune.readers.messages import content_text
+from dialogtune.readers.messages import OPENAI_ROLES, content_text
 from dialogtune.tokenize import IGNORE_INDEX
 
 
@@ -45,17 +45,15 @@ def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[li
     return records, prompts
 
 
-ROLES = ("system", "user", "assistant")
-
-
 def checked_message(message: object, where: str) -> dict:
     """A message as the templates read it: a known role and its content as text (OpenAI's list of
     text parts joined); `name`, if given, a string or null. Anything else is a DataError naming `where`."""
     if not isinstance(message, dict):
         raise DataError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}")
-    if message.get("role") not in ROLES:
+    role = OPENAI_ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
+    if role is None:
         said = f"{message['role']!r}" if "role" in message else "none"
-        raise DataError(f"{where}: role {said}: expected one of {', '.join(ROLES)}")
+        raise DataError(f"{where}: role {said}: expected one of {', '.join(dict.fromkeys(OPENAI_ROLES.values()))}")
     if "content" not in message:
         raise DataError(f"{where}: no 'content'")
     try:
@@ -64,7 +62,7 @@ def checked_message(message: object, where: str) -> dict:
         raise DataError(f"{where}: content: {err}") from None
     if message.get("name") is not None and not isinstance(message["name"], str):
         raise DataError(f"{where}: name: expected a string, got {type(message['name']).__name__}")
-    return {**message, "content": content}
+    return {**message, "role": role, "content": content}
 
 
 def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple[list[dict], list[list[int]]]:

@@ -33,7 +33,7 @@ from sse_starlette import EventSourceResponse
 
 from dialogtune.errors import ConfigError
 from dialogtune.infer import ChatModel, Conversation, Sampling
-from dialogtune.readers.messages import content_text
+from dialogtune.readers.messages import OPENAI_ROLES, content_text
 
 
 class Message(BaseModel):
@@ -44,7 +44,7 @@ class Message(BaseModel):
     @field_validator("role", mode="before")
     @classmethod
     def _developer_is_system(cls, role: object) -> object:
-        return "system" if role == "developer" else role  # OpenAI's newer name for the system message
+        return OPENAI_ROLES.get(role, role) if isinstance(role, str) else role  # developer -> system
 
     @field_validator("content", mode="before")
     @classmethod

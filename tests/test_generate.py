@@ -90,6 +90,20 @@ def test_openai_text_parts_read_as_their_joined_text(tiny_run, tmp_path):
     assert written[0]["reply"] == written[1]["reply"] and written[0]["stopped"] == written[1]["stopped"]
 
 
+def test_a_developer_message_is_the_system_message(tiny_run, tmp_path):
+    from dialogtune.generate import prompts_from_jsonl
+    from dialogtune.infer import load_chat_model
+
+    rows = [{"messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Where is the station?"}]}
+            for role in ("developer", "system")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = load_chat_model(str(tiny_run / "run"))
+    records, prompts = prompts_from_jsonl(chat, tmp_path / "in.jsonl")
+    assert prompts[0] == prompts[1]  # rendered as the same system message
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in chat.tokenizer.decode(prompts[0])
+    assert records[0]["messages"][0]["role"] == "developer"  # the input kept as it was
+
+
 @pytest.mark.parametrize(("message", "said"), [
     ({"role": "user"}, "messages[1]: no 'content'"),
     ({"role": "robot", "content": "hi"}, "messages[1]: role 'robot': expected one of system, user, assistant"),

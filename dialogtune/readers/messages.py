@@ -16,8 +16,9 @@ from dialogtune.dialogue import Dialogue, Reject, Turn
 from dialogtune.readers._io import base_suffix, iter_jsonl, load_json
 from dialogtune.textfix import clean_text
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "developer": "system", "bot": "assistant", "model": "assistant"}
+# OpenAI's roles as the templates know them: `developer` is OpenAI's newer name for system.
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {**OPENAI_ROLES, "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 def _records(path: Path):
