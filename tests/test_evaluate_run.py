@@ -184,6 +184,20 @@ def test_the_same_eval_twice_gives_identical_metrics(tiny_model_dir, summaries, 
     assert json.loads((tmp_path / "a" / "report.json").read_text())["metrics"] == first["metrics"]
 
 
+def test_a_torn_last_prediction_is_redone_not_fatal(tiny_model_dir, summaries, tmp_path, generated):
+    sampling = eval_run.Sampling(temperature=0, max_new_tokens=5)
+    evaluate(str(tiny_model_dir), str(summaries), "summarize", limit=4, out=tmp_path / "ev", quiet=True,
+             sampling=sampling)
+    path = tmp_path / "ev" / "predictions.jsonl"
+    whole = path.read_text(encoding="utf-8")
+    path.write_text(whole + whole.splitlines()[0][:30], encoding="utf-8")  # killed in the middle of a write
+    generated.clear()
+    report = evaluate(str(tiny_model_dir), str(summaries), "summarize", out=tmp_path / "ev", quiet=True,
+                      sampling=sampling)
+    assert len(generated) == 6 and report["samples"] == 10
+    assert len(read_jsonl(path)) == 10
+
+
 def test_an_interrupted_eval_resumes_without_redoing_samples(tiny_model_dir, summaries, tmp_path, generated):
     sampling = eval_run.Sampling(temperature=0, max_new_tokens=5)
     evaluate(str(tiny_model_dir), str(summaries), "summarize", limit=4, out=tmp_path / "ev", quiet=True,

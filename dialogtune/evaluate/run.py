@@ -54,6 +54,7 @@ from dialogtune.files import write_json, write_jsonl, write_text
 from dialogtune.generate import generate_replies
 from dialogtune.infer import ChatModel, Prompting, Sampling, load_chat_model, load_prompting
 from dialogtune.prepare import prepare
+from dialogtune.readers._io import iter_jsonl
 from dialogtune.records import PreparedInfo
 
 # Evaluation prepares whole examples; fitting them into a model's context is done per model, per sample.
@@ -219,10 +220,10 @@ def generate_all(evaluation: Evaluation, chat: ChatModel, prompts: list[list[int
     path = evaluation.out / "predictions.jsonl"
     done = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["key"]] = record
+        # A run killed in the middle of a write leaves a torn last line: it is redone, and the
+        # file is rewritten without it so that what follows is appended to whole lines only.
+        done = {record["key"]: record for _, record, error in iter_jsonl(path) if error is None}
+        write_jsonl(path, done.values())
     todo = sorted((i for i, key in enumerate(keys) if key not in done), key=lambda i: len(prompts[i]))
     bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=evaluation.model, unit=" samples",
                disable=quiet or None, dynamic_ncols=True)
