@@ -30,7 +30,6 @@ SGD dialogue ids restart in each split (dev `1_00000` is not train `1_00000`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 
 from dialogtune.errors import ConfigError, DataError
 from dialogtune.files import write_json, write_jsonl, write_text
+from dialogtune.readers._io import base_suffix, iter_jsonl
 from dialogtune.retrieval.fusion import fuse
 
 SEARCHES = ("descriptions", "exemplars_dense", "exemplars_keyword", "exemplars", "hybrid")
@@ -65,7 +65,7 @@ def read_queries(paths: Iterable[Path]) -> list[Query]:
 
     queries = []
     for path in map(Path, paths):
-        if path.suffix == ".jsonl":
+        if base_suffix(path) == ".jsonl":
             queries += _jsonl_queries(path)
         else:
             exemplars, _ = extract_sgd_exemplars(path)
@@ -77,18 +77,10 @@ def read_queries(paths: Iterable[Path]) -> list[Query]:
 
 
 def _jsonl_queries(path: Path) -> list[Query]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
     queries = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err})") from err
+    for number, record, error in iter_jsonl(path):
+        if error:
+            raise DataError(f"{path}:{number}: {error}")
         if not (isinstance(record, dict) and isinstance(record.get("utterance"), str)
                 and isinstance(record.get("function"), str)):
             raise DataError(f'{path}:{number}: expected {{"utterance": "...", "function": "..."}}')

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from dialogtune.errors import DataError
+from dialogtune.files import write_json
 from dialogtune.readers._io import load_json
 
 SERVICE_SEPARATOR = "__"
@@ -204,7 +203,7 @@ def tools_json(functions: Iterable[Function]) -> list[dict]:
 
 
 def write_tools_json(functions: Iterable[Function], path: Path) -> None:
-    path.write_bytes(orjson.dumps(tools_json(functions), option=orjson.OPT_INDENT_2) + b"\n")
+    write_json(path, tools_json(functions))  # whole or not at all: it may be the user's -o file
 
 
 # --- files ---------------------------------------------------------------------------------------
