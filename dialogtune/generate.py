@@ -13,15 +13,14 @@ A progress bar on the terminal shows samples done, samples/s and the time left.
 
 from __future__ import annotations
 
-import json
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from dialogtune.errors import ConfigError, DataError
+from dialogtune.files import write_jsonl
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers._io import iter_jsonl
 from dialogtune.readers.messages import OPENAI_ROLES, content_text
@@ -170,10 +169,8 @@ def run_generate(model: str, source: Path, output: Path, *, sampling: Sampling, 
         raise DataError(f"{source}: no such file or directory")
     replies = generate_replies(chat, prompts, sampling, batch_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as fh:
-        for record, (reply, stopped) in zip(records, replies, strict=True):
-            out: dict[str, Any] = {**record, "reply": reply, "stopped": stopped}
-            fh.write(json.dumps(out, ensure_ascii=False) + "\n")
+    write_jsonl(output, ({**record, "reply": reply, "stopped": stopped}
+                         for record, (reply, stopped) in zip(records, replies, strict=True)))
     stopped = sum(1 for _, s in replies if s)
     print(f"{len(replies)} replies -> {output} ({stopped} stopped by themselves)")
     return 0

@@ -38,6 +38,7 @@ import orjson
 import dialogtune
 from dialogtune.errors import DataError, ModelError
 from dialogtune.files import staged_dir, write_json, write_jsonl
+from dialogtune.readers._io import iter_jsonl
 from dialogtune.retrieval.embedder import DEFAULT_EMBEDDER, NORMALISATION, embed, load_embedder, resolve_embedder
 from dialogtune.retrieval.exemplars import PLACEHOLDER, Exemplar
 from dialogtune.retrieval.fusion import fuse, union
@@ -218,11 +219,17 @@ def _embedder_id(name: str) -> str:
 
 # --- on disk -------------------------------------------------------------------------------------
 
-def _is_index(path: Path) -> bool:
+def _manifest(path: Path) -> dict | None:
+    """The index's manifest, or None when `path` holds no index."""
     try:
-        return json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("kind") == INDEX_KIND
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == INDEX_KIND else None
+
+
+def _is_index(path: Path) -> bool:
+    return _manifest(path) is not None
 
 
 def save_index(index: RetrievalIndex, directory: Path) -> Path:
@@ -252,9 +259,9 @@ def load_index(directory: Path, embedder: str | None = None, model=None) -> Retr
     """The saved index with its own embedder loaded. Naming another embedder is refused: its
     query vectors would not live in the space of the saved ones."""
     directory = Path(directory)
-    if not _is_index(directory):
+    manifest = _manifest(directory)
+    if manifest is None:
         raise DataError(f"{directory}: not a retrieval index (no manifest.json from `dialogtune index`)")
-    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT_VERSION or manifest.get("normalisation") != NORMALISATION:
         raise DataError(f"{directory}: index format {manifest.get('format')} / normalisation "
                         f"{manifest.get('normalisation')!r} is not this version's ({FORMAT_VERSION} / {NORMALISATION!r});"
@@ -263,8 +270,8 @@ def load_index(directory: Path, embedder: str | None = None, model=None) -> Retr
         raise ModelError(f"{directory}: the index was built with the embedder {manifest['embedder']!r}, not "
                          f"{embedder!r}: query it with the same embedder, or build the index again with the new one")
     functions = read_functions(directory / "tools.json")
-    records = (directory / "exemplars.jsonl").read_text(encoding="utf-8").splitlines()
-    exemplars = [_exemplar_from_record(json.loads(line)) for line in records if line]
+    exemplars = [_exemplar_from_record(record) for _, record, error in iter_jsonl(directory / "exemplars.jsonl")
+                 if error is None]  # a damaged line changes the fingerprint, refused below
     fingerprint = corpus_fingerprint(functions, exemplars, manifest["embedder"], manifest["query_instruction"])
     if fingerprint != manifest["fingerprint"]:
         raise DataError(f"{directory}: tools.json or exemplars.jsonl changed since the index was built "
