@@ -187,17 +187,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     import time
 
-    from dialogtune.retrieval.exemplars import extract_sgd_exemplars, load_exemplars
+    from dialogtune.retrieval.exemplars import read_exemplars
     from dialogtune.retrieval.index import build_index, save_index
     from dialogtune.retrieval.schemas import load_functions
 
     functions = load_functions(Path(path) for path in args.schemas)
-    exemplars = []
-    for source in map(Path, args.exemplars):
-        if source.is_dir() or source.name.startswith("dialogues_"):  # SGD dialogues
-            exemplars += extract_sgd_exemplars(source)[0]
-        else:  # hand-written {"Function": [{"template": ...}]}
-            exemplars += load_exemplars(source, functions)
+    exemplars, notes = read_exemplars(map(Path, args.exemplars), functions)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     started = time.perf_counter()
     index = build_index(functions, exemplars, embedder=args.embedder, query_instruction=args.query_instruction)
     save_index(index, Path(args.output))

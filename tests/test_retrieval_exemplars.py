@@ -143,3 +143,12 @@ def test_real_sgd_train_counts_are_self_consistent():
                     activations += intent not in ("NONE", last.get(frame["service"], "NONE"))
                     last[frame["service"]] = intent
     assert stats.activations == activations
+
+
+def test_read_exemplars_says_what_each_sgd_source_held_back():
+    from dialogtune.retrieval.exemplars import read_exemplars
+
+    exemplars, notes = read_exemplars([SGD_FIXTURE], read_functions(SGD_FIXTURE))
+    assert exemplars == extract_sgd_exemplars(SGD_FIXTURE)[0]
+    assert notes == [f"{SGD_FIXTURE}: 0 record(s) refused by the SGD reader; 2 template(s) not built"
+                     " (1 value occurs more than once, 1 span out of range)"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -189,3 +190,22 @@ def load_exemplars(path: Path, functions: list[Function]) -> list[Exemplar]:
                 raise DataError(f"{where}: 'arguments' must be a mapping and 'utterance' a string")
             exemplars.append(Exemplar(name, utterance, entry["template"], arguments, (str(path), position)))
     return exemplars
+
+
+def read_exemplars(sources: Iterable[Path], functions: Sequence[Function]) -> tuple[list[Exemplar], list[str]]:
+    """Exemplars from SGD dialogue directories/files and hand-written JSON/YAML files, and a line
+    for each SGD source saying what it held back (records the reader refused, templates skipped),
+    so that nothing is left out silently."""
+    exemplars: list[Exemplar] = []
+    notes = []
+    for source in sources:
+        if source.is_dir() or source.name.startswith("dialogues_"):  # SGD dialogues
+            found, stats = extract_sgd_exemplars(source)
+            exemplars += found
+            if stats.rejects or stats.templates_skipped:
+                skipped = ", ".join(f"{n} {why}" for why, n in stats.templates_skipped.most_common())
+                notes.append(f"{source}: {stats.rejects} record(s) refused by the SGD reader;"
+                             f" {sum(stats.templates_skipped.values())} template(s) not built ({skipped or 'none'})")
+        else:  # hand-written {"Function": [{"template": ..., "utterance": ...}]}
+            exemplars += load_exemplars(source, functions)
+    return exemplars, notes

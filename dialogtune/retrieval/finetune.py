@@ -26,6 +26,7 @@ run did) that `dialogtune index --embedder DIR` loads like any other.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -40,7 +41,7 @@ from dialogtune.config import EmbedderTrainConfig, build_config, check_passed_th
 from dialogtune.errors import ConfigError, DataError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.retrieval.embedder import embed, load_embedder
-from dialogtune.retrieval.exemplars import Exemplar, extract_sgd_exemplars, load_exemplars
+from dialogtune.retrieval.exemplars import Exemplar, read_exemplars
 from dialogtune.retrieval.index import template_text
 from dialogtune.retrieval.schemas import Function, load_functions
 from dialogtune.split import validation_groups
@@ -228,16 +229,6 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Embedder
     return build_config(raw, str(path), schema=EmbedderTrainConfig)
 
 
-def read_exemplars(sources: Sequence[Path], functions: Sequence[Function]) -> list[Exemplar]:
-    exemplars = []
-    for source in sources:
-        if source.is_dir() or source.name.startswith("dialogues_"):  # SGD dialogues
-            exemplars += extract_sgd_exemplars(source)[0]
-        else:  # hand-written {"Function": [{"template": ..., "utterance": ...}]}
-            exemplars += load_exemplars(source, functions)
-    return exemplars
-
-
 def training_arguments(config: EmbedderTrainConfig, output_dir: str):
     import torch
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -275,7 +266,9 @@ def train_embedder(config: EmbedderTrainConfig) -> dict[str, Any]:
                           "choose another output directory")
     training_arguments(config, tempfile.gettempdir())  # a bad train.* key fails now, not after mining
     functions = load_functions(Path(p) for p in config.schemas)
-    exemplars = read_exemplars([Path(p) for p in config.exemplars], functions)
+    exemplars, notes = read_exemplars([Path(p) for p in config.exemplars], functions)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     pairs, stats = build_pairs(exemplars, functions, config.pairs)
     if len({pair.function for pair in pairs}) < 2:
         raise DataError(f"{len(pairs)} pairs over {len({p.function for p in pairs})} function(s): contrasting "
