@@ -221,13 +221,18 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (data:, task:, ...)")
     # Relative data paths are relative to the config file, so configs can travel with their data.
-    paths = data.get("data", {}).get("path") if isinstance(data.get("data"), dict) else None
-    if paths is not None:
-        listed = [paths] if isinstance(paths, str) else paths
-        if isinstance(listed, list):  # anything else is left for validation to name
-            data["data"]["path"] = [str(path.parent / p) if isinstance(p, str) and not Path(p).is_absolute() else p
-                                    for p in listed]
+    if isinstance(data.get("data"), dict) and "path" in data["data"]:
+        data["data"]["path"] = relative_to(path, data["data"]["path"])
     return data
+
+
+def relative_to(config_path: Path, paths: Any) -> Any:
+    """Paths named in a config file, relative ones taken from the file's folder (a string or a list
+    of them; anything else is left for validation to name)."""
+    listed = [paths] if isinstance(paths, str) else paths
+    if not isinstance(listed, list):
+        return paths
+    return [str(config_path.parent / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in listed]
 
 
 def build_config(raw: dict[str, Any], source: str = "config", schema: type[PrepareConfig] = PrepareConfig):

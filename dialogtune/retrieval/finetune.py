@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dialogtune.config import EmbedderTrainConfig, build_config, check_passed_through, load_yaml, merge
+from dialogtune.config import EmbedderTrainConfig, build_config, check_passed_through, load_yaml, merge, relative_to
 from dialogtune.errors import ConfigError, DataError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.retrieval.embedder import embed, load_embedder
@@ -223,9 +223,8 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Embedder
     """The config file, with `schemas` and `exemplars` relative to it (configs travel with data)."""
     raw = merge(load_yaml(path), overrides or {})
     for key in ("schemas", "exemplars"):
-        listed = [raw[key]] if isinstance(raw.get(key), str) else raw.get(key)
-        if isinstance(listed, list):  # anything else is left for validation to name
-            raw[key] = [str(path.parent / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in listed]
+        if key in raw:
+            raw[key] = relative_to(path, raw[key])
     return build_config(raw, str(path), schema=EmbedderTrainConfig)
 
 
