@@ -362,7 +362,7 @@ class Conversation:
         self.messages.clear()
         self._cache, self._cached_ids, self._known_ids, self._known_text = None, [], [], ""
 
-    def _chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + self.messages
 
@@ -373,7 +373,7 @@ class Conversation:
         """The prompt, dropping the oldest turns (by tokens) until it and the reply fit."""
         self.chat.check_reply_length(max_new_tokens)  # no history could make room for it
         while True:
-            text = self.chat.render(self._chat_messages())
+            text = self.chat.render(self.chat_messages())
             known = self.keeps_cache and self._known_text and text.startswith(self._known_text)
             ids = (self._known_ids + self._tokenize(text[len(self._known_text):])) if known else self._tokenize(text)
             if self.chat.reply_room(len(ids)) >= max_new_tokens or len(self.messages) <= 1:

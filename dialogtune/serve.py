@@ -96,13 +96,19 @@ class Generator:
 
     def run(self, request: CompletionRequest, max_tokens: int, on_text=None,
             cancel: threading.Event | None = None) -> Any:
-        system = "\n".join(m.content for m in request.messages if m.role == "system") or self.chat.system_prompt
-        conversation = Conversation(self.chat, system_prompt=system, reuse_cache=False)
-        conversation.messages.extend({"role": m.role, "content": m.content} for m in request.messages
-                                     if m.role != "system")
+        conversation = conversation_of(self.chat, request)
         sampling = Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p,
                             max_new_tokens=max_tokens, seed=request.seed)
         return conversation.respond(sampling, on_text, max_time=self.timeout, cancel=cancel)
+
+
+def conversation_of(chat: ChatModel, request: CompletionRequest) -> Conversation:
+    """The request as a conversation: its system messages joined (else the run's system prompt)."""
+    system = "\n".join(m.content for m in request.messages if m.role == "system") or chat.system_prompt
+    conversation = Conversation(chat, system_prompt=system, reuse_cache=False)
+    conversation.messages.extend({"role": m.role, "content": m.content} for m in request.messages
+                                 if m.role != "system")
+    return conversation
 
 
 DEFAULT_MAX_TOKENS = 256
@@ -122,7 +128,8 @@ def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) ->
             chat.check_reply_length(asked, flag)
         except ConfigError as err:
             raise ApiError(400, str(err), param=flag) from None
-    prompt = chat.render([{"role": m.role, "content": m.content} for m in request.messages])
+    # Measured on the prompt generation will read (the run's system prompt included).
+    prompt = chat.render(conversation_of(chat, request).chat_messages())
     length = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     room = chat.reply_room(length)
     if room < 1 or (asked is not None and asked > room):

@@ -184,3 +184,15 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
         page.click("#reset")
         assert page.locator(".msg").count() == 0
         browser.close()
+
+
+def test_the_room_for_a_reply_counts_the_runs_own_system_prompt(tiny_run):
+    from dialogtune.serve import ApiError, CompletionRequest, check_request
+
+    chat = load_chat_model(str(tiny_run))
+    request = CompletionRequest.model_validate({"model": "tiny", "max_tokens": 8, "messages": HELLO})
+    assert check_request(chat, "tiny", request) == 8
+    chat.system_prompt = "station " * 400  # what generation will prepend: the prompt no longer fits
+    with pytest.raises(ApiError, match=r"the prompt has \d+ tokens; with max_tokens=8 it exceeds the model's"
+                                       r" context of 512"):
+        check_request(chat, "tiny", request)
