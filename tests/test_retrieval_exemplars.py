@@ -150,5 +150,5 @@ def test_read_exemplars_says_what_each_sgd_source_held_back():
 
     exemplars, notes = read_exemplars([SGD_FIXTURE], read_functions(SGD_FIXTURE))
     assert exemplars == extract_sgd_exemplars(SGD_FIXTURE)[0]
-    assert notes == [f"{SGD_FIXTURE}: 0 record(s) refused by the SGD reader; 2 template(s) not built"
-                     " (1 value occurs more than once, 1 span out of range)"]
+    assert notes == [(f"{SGD_FIXTURE}: 0 record(s) refused by the SGD reader; 2 template(s) not built"
+                      " (1 value occurs more than once, 1 span out of range)")]
