@@ -147,17 +147,29 @@ def mine_hard_negatives(anchor_vectors: np.ndarray, pairs: Sequence[Pair], pool:
     return chosen
 
 
-def with_negatives(model, pairs: Sequence[Pair], pools: dict[str, Pool], stats: PairStats) -> list[tuple[Pair, str]]:
-    """Each pair with its mined negative; pairs without one are dropped (and counted)."""
+def embed_once(model, texts: Sequence[str], known: dict[str, np.ndarray]) -> np.ndarray:
+    """The texts' vectors, embedding only those not in `known` (which keeps them): the training
+    and validation pools share their descriptions and most templates."""
+    new = [text for text in dict.fromkeys(texts) if text not in known]
+    if new:
+        known.update(zip(new, embed(model, new), strict=True))
+    return np.stack([known[text] for text in texts])
+
+
+def with_negatives(model, pairs: Sequence[Pair], pools: dict[str, Pool], stats: PairStats,
+                   known: dict[str, np.ndarray] | None = None) -> list[tuple[Pair, str]]:
+    """Each pair with its mined negative; pairs without one are dropped (and counted). `known`
+    holds vectors already embedded, shared between calls."""
+    known = {} if known is None else known
     anchors = sorted({pair.anchor for pair in pairs})
-    anchor_vectors = dict(zip(anchors, embed(model, anchors), strict=True))
+    anchor_vectors = dict(zip(anchors, embed_once(model, anchors, known), strict=True)) if anchors else {}
     kept = []
     for kind, pool in pools.items():
         of_kind = [pair for pair in pairs if pair.kind == kind]
         if not of_kind:
             continue
         vectors = np.stack([anchor_vectors[pair.anchor] for pair in of_kind])
-        for pair, row in zip(of_kind, mine_hard_negatives(vectors, of_kind, pool, embed(model, pool.texts)),
+        for pair, row in zip(of_kind, mine_hard_negatives(vectors, of_kind, pool, embed_once(model, pool.texts, known)),
                              strict=True):
             if row is None:
                 stats.no_negative[kind] += 1
@@ -281,8 +293,9 @@ def train_embedder(config: EmbedderTrainConfig) -> dict[str, Any]:
     def pools(exclude: set[str]) -> dict[str, Pool]:
         return {"template": template_pool(exemplars, exclude), "description": descriptions}
 
-    train_set = with_negatives(model, [p for p in pairs if p.group not in held_out], pools(held_out), stats)
-    validation_set = with_negatives(model, [p for p in pairs if p.group in held_out], pools(set()), stats)
+    known: dict[str, np.ndarray] = {}  # every text is embedded once for both mining passes
+    train_set = with_negatives(model, [p for p in pairs if p.group not in held_out], pools(held_out), stats, known)
+    validation_set = with_negatives(model, [p for p in pairs if p.group in held_out], pools(set()), stats, known)
     if not train_set:
         raise DataError("no training pair has a hard negative: every other function's texts equal the positives")
     sample = random.Random(config.seed).sample(train_set, min(TRAIN_LOSS_SAMPLE, len(train_set)))
