@@ -16,6 +16,7 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from dialogtune.files import write_jsonl
 from dialogtune.infer import ChatModel, Sampling, load_chat_model
 from dialogtune.readers._io import iter_jsonl
 from dialogtune.readers.messages import OPENAI_ROLES, content_text
-from dialogtune.tokenize import IGNORE_INDEX
+from dialogtune.tokenize import trained_runs
 
 
 def prompts_from_jsonl(chat: ChatModel, path: Path) -> tuple[list[dict], list[list[int]]]:
@@ -71,23 +72,16 @@ def prompts_from_prepared(chat: ChatModel, directory: Path, split: str) -> tuple
     if not path.exists():
         raise DataError(f"{directory}: no {split} split to generate for")
     records, prompts = [], []
-    for row in datasets.load_from_disk(str(path)):
-        positions = row["position_ids"]
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    for row in datasets.load_from_disk(str(path)).with_format("numpy"):
+        starts = [*np.flatnonzero(row["position_ids"] == 0).tolist(), len(row["position_ids"])]  # packed examples
         for start, end in pairwise(starts):
-            labels = row["labels"][start:end]
-            ids = row["input_ids"][start:end]
+            ids = row["input_ids"][start:end].tolist()
             # Every trained turn is a sample: its context is everything before it.
-            turn_start = None
-            for i, label in enumerate([*labels, IGNORE_INDEX]):
-                if label != IGNORE_INDEX and turn_start is None:
-                    turn_start = i
-                elif label == IGNORE_INDEX and turn_start is not None:
-                    reference = chat.tokenizer.decode(ids[turn_start:i], skip_special_tokens=False)
-                    records.append({"context": chat.tokenizer.decode(ids[:turn_start], skip_special_tokens=False),
-                                    "reference": reference.split(chat.end_of_turn)[0].strip()})
-                    prompts.append(ids[:turn_start])
-                    turn_start = None
+            for turn_start, turn_end in trained_runs(row["labels"][start:end]):
+                reference = chat.tokenizer.decode(ids[turn_start:turn_end], skip_special_tokens=False)
+                records.append({"context": chat.tokenizer.decode(ids[:turn_start], skip_special_tokens=False),
+                                "reference": reference.split(chat.end_of_turn)[0].strip()})
+                prompts.append(ids[:turn_start])
     return records, prompts
 
 

@@ -26,6 +26,13 @@ from dialogtune.templates import ChatTemplate
 IGNORE_INDEX = -100
 
 
+def trained_runs(labels: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive trained positions: the trained turns, in order."""
+    trained = np.concatenate([[0], (labels != IGNORE_INDEX).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(trained))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 @dataclass(slots=True)
 class Tokenized:
     input_ids: np.ndarray  # int32

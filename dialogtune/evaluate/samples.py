@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dialogtune.tokenize import IGNORE_INDEX
+from dialogtune.tokenize import trained_runs
 
 PLACEHOLDER = "\ue000"  # stands for a message's text when rendering the template around it
 
@@ -41,13 +41,6 @@ class Sample:
     @property
     def context_ids(self) -> list[int]:
         return self.example_ids[: self.start]
-
-
-def trained_runs(labels: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of consecutive trained positions: the trained turns, in order."""
-    trained = np.concatenate([[0], (labels != IGNORE_INDEX).astype(np.int8), [0]])
-    edges = np.flatnonzero(np.diff(trained))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def samples_of(rows, tokenizer, end_of_turn: str, limit: int | None = None) -> list[Sample]:
