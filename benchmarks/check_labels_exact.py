@@ -5,11 +5,15 @@
 The sample: 910 dialogues (the first 300 of SGD dev, 300 of SAMSum validation, the 10 MSC
 samples, the first 300 of PersonaChat validation), each made into examples the ways users make
 them (see `examples_of`), with every shipped template and the tokenizer's own, at max_length
-4096, 192 and 64. For every piece dialogtune yields, the reference shares none of its code:
+4096, 192 and 64; and the first 100 of SGD dev again as tool-calling conversations
+(`task.tool_calls`), with the templates that write calls. For every piece dialogtune yields,
+the reference shares none of its code:
 - ids: `tokenizer.apply_chat_template` over the piece's messages;
 - labels: each trained message found by rendering the conversation up to it with
   `apply_chat_template`, once as it is and once with the message emptied (the two renders differ
-  exactly by its content); its span runs on through the template's end-of-turn marker, and a
+  exactly by its content), or, for a call without content, where the conversation before it
+  rendered with the generation prompt ends; its span runs on through the template's end-of-turn
+  marker, and a
   token is trained when its offsets overlap a span (the rule of transformers'
   `return_assistant_tokens_mask`); the first token never is;
 - fitting: every piece within max_length, holding the system prompt, a contiguous run of the
@@ -24,6 +28,7 @@ fixtures.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -39,7 +44,7 @@ from dialogtune.readers import read_dialogues
 from dialogtune.tasks import Example
 from dialogtune.tasks.respond import ALL_SPEAKERS, respond
 from dialogtune.tasks.summarize import summarize
-from dialogtune.templates import MODEL_TEMPLATE, SHIPPED, ChatTemplate, resolve_template
+from dialogtune.templates import MODEL_TEMPLATE, SHIPPED, ChatTemplate, renders_tool_calls, resolve_template
 from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, TokenizeStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,26 +54,34 @@ SOURCES = {
     "samsum": ("samsum/validation.json", "rows", 300),
     "msc": ("msc/msc_dialog_samples.json", "msc", 10),
     "personachat": ("personachat/valid_both_original_no_cands.txt", "parlai", 300),
+    "sgd_tools": ("sgd/dev", "sgd", 100),
 }
+TOOL_SOURCES = {"sgd_tools"}  # made into tool-calling conversations: only templates that write calls
 MAX_LENGTHS = (4096, 192, 64)
 SYSTEM_PROMPT = "You are taking part in a conversation."
 _TOO_LONG = re.compile(r"trained turn (\d+) \(.*\) does not fit in max_length")
 SHOWN = 5  # problems printed per table row
 
 
-def examples_of(dialogue: Dialogue) -> list[Example]:
+def examples_of(dialogue: Dialogue, tools: bool = False) -> list[Example]:
     """The shapes of real use: one speaker answered with the whole context (and a system prompt,
     with persona lines where there are any), every named speaker at once (consecutive turns by
     one speaker, narration as untrained user text), one speaker with 2 rounds of context, and
-    the summary where there is one. Each example gets its own id, which its pieces keep."""
+    the summary where there is one. Each example gets its own id, which its pieces keep. With
+    `tools`: the answerer's calls, their results and replies, whole and with 2 rounds."""
     answerer = next((t.speaker for t in dialogue.turns[1:] if t.speaker), None)
     made = []
+    if tools:
+        made.append(("tools", respond(dialogue, {answerer}, None, SYSTEM_PROMPT, tool_calls=True)))
+        rounds = respond(dialogue, {answerer}, 2, tool_calls=True)
+        made.append(("tools_rounds2", rounds[:3] if isinstance(rounds, list) else rounds))
+        answerer = None  # the other shapes are the plain sources' already
     if answerer is not None:
         made.append(("full", respond(dialogue, {answerer}, None, SYSTEM_PROMPT, persona=True)))
         rounds = respond(dialogue, {answerer}, 2)  # the first windows: short context, earlier turns of the answerer
         made.append(("rounds2", rounds[:3] if isinstance(rounds, list) else rounds))
     made.append(("everyone", respond(dialogue, {ALL_SPEAKERS})))
-    if dialogue.meta.get("summary"):
+    if dialogue.meta.get("summary") and not tools:
         made.append(("summary", summarize(dialogue)))
     return [replace(example, dialogue_id=f"{dialogue.id}/{task}/{n}")
             for task, examples in made if isinstance(examples, list) for n, example in enumerate(examples)]
@@ -105,7 +118,13 @@ def reference(tokenizer, template: ChatTemplate, example: Example) -> tuple[list
         emptied = render(chat[:index] + [{**chat[index], "content": ""}])
         if not text.startswith(through):
             raise ValueError(f"the render up to message {index} is not where the whole render starts")
-        start = content_start(through, emptied, content)
+        if message.get("tool_calls") and not content:  # a call's text is the template's: after its prompt
+            prompt = compiled.render(messages=chat[:index], add_generation_prompt=True, **tokenizer.special_tokens_map)
+            if not through.startswith(prompt):
+                raise ValueError(f"the prompt for call message {index} is not where its render starts")
+            start = len(prompt)
+        else:
+            start = content_start(through, emptied, content)
         marker = text.find(template.end_of_turn, start + len(content))
         if marker < 0:
             raise ValueError(f"no end-of-turn marker after message {index}")
@@ -224,7 +243,8 @@ def check_one(tokenizer, template: ChatTemplate, max_length: int, source: str, e
     for piece in pieces:
         row.tokens += len(piece.input_ids)
         row.trained += int((piece.labels != IGNORE_INDEX).sum())
-        key = tuple((m["role"], m.get("name"), m["content"], m["train"]) for m in piece.example.messages)
+        key = tuple((m["role"], m.get("name"), m["content"], m["train"], json.dumps(m.get("tool_calls")))
+                    for m in piece.example.messages)
         if key not in references:
             try:
                 references[key] = reference(tokenizer, template, piece.example)
@@ -265,12 +285,15 @@ def check_one(tokenizer, template: ChatTemplate, max_length: int, source: str, e
 
 def check(tokenizer, sample: dict[str, list[Dialogue]], templates: list[ChatTemplate],
           max_lengths=MAX_LENGTHS, report=None) -> list[Row]:
-    examples = {source: [e for d in dialogues for e in examples_of(d)] for source, dialogues in sample.items()}
+    examples = {source: [e for d in dialogues for e in examples_of(d, source in TOOL_SOURCES)]
+                for source, dialogues in sample.items()}
     rows = []
     for template in templates:
         references: dict = {}
         for max_length in max_lengths:
             for source, made in examples.items():
+                if source in TOOL_SOURCES and not renders_tool_calls(template.source):
+                    continue
                 rows.append(check_one(tokenizer, template, max_length, source, made, references))
                 if report is not None:
                     report(rows[-1])

@@ -14,6 +14,8 @@
     dialogtune retrieve INDEX_DIR "utterance" [-k 8] [--fusion rrf|sum|union|intersection]
     dialogtune train-embedder CONFIG.yaml [--set key=value ...]
     dialogtune findk INDEX_DIR --queries SGD_DIR|QUERIES.jsonl [...] [-K 16] [--target 0.98] -o DIR
+    dialogtune understand RUN_DIR [--index DIR] [--utterance TEXT | --input FILE [-o FILE]]
+    dialogtune eval RUN_DIR --task understand --data SGD_DIR [--limit N] [-o DIR]
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dialogtune.evaluate.run import compare, evaluate
 
+    if args.task == "understand":
+        return eval_understand(args)
+
     options = {"split": args.split, "limit": args.limit, "sampling": sampling_from_flags(args),
                "batch_size": args.batch_size}
     if args.compare:
@@ -172,6 +177,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("name a model to evaluate, or several with --compare")
     return 0
+
+
+def eval_understand(args: argparse.Namespace) -> int:
+    from dialogtune.evaluate.understand import evaluate_understanding
+    from dialogtune.readers import sgd
+    from dialogtune.understand import load_understander
+
+    if args.compare or not args.model:
+        raise ConfigError("eval --task understand takes one run (no --compare)")
+    understander = load_understander(args.model, args.index)
+    out = Path(args.output or Path(args.model) / "eval" / f"understand-{Path(args.data).name}")
+    report = evaluate_understanding(understander, sgd.read(Path(args.data)), out, args.limit)
+    for name, s in report["groups"].items():
+        if s["turns"]:
+            print(f"{name:6} turns {s['turns']:<5} function {s['function_accuracy']:.3f}  slot F1 "
+                  f"{s['slot_f1'] if s['slot_f1'] is not None else float('nan'):.3f}  JGA "
+                  f"{s['joint_goal_accuracy'] if s['joint_goal_accuracy'] is not None else float('nan'):.3f}")
+    print(f"latency p50 {report['latency']['p50_ms']} ms, p95 {report['latency']['p95_ms']} ms; report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_understand(args: argparse.Namespace) -> int:
+    import json
+
+    from dialogtune.understand import Conversation, load_understander, run_batch
+
+    understander = load_understander(args.model, args.index)
+    if args.utterance is not None:
+        result = understander.turn(Conversation(), args.utterance)
+        print(json.dumps(result.call.as_dict(), ensure_ascii=False))
+        return 0
+    if args.input:
+        summary = run_batch(understander, Path(args.input), Path(args.output) if args.output else None)
+        print(f"{summary['turns']} user turns, latency p50 {summary['p50_ms']} ms, p95 {summary['p95_ms']} ms"
+              + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+        return 0
+    conversation = Conversation()
+    print("Type a user turn (or 'system: TEXT' for the system's reply; Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ").strip()
+        except EOFError:
+            return 0
+        if line.lower().startswith("system:"):
+            conversation.turns.append(("SYSTEM", line.split(":", 1)[1].strip()))
+        elif line:
+            result = understander.turn(conversation, line)
+            print(json.dumps(result.call.as_dict(), ensure_ascii=False), f"({result.seconds * 1000:.0f} ms)")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -298,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate by generation: BLEU/ROUGE/distinct/perplexity, report.json and .md")
     p.add_argument("model", nargs="?", help="a run directory or a model name/path")
     p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")
-    p.add_argument("--task", choices=["respond", "summarize"], help="default: the run's task")
+    p.add_argument("--task", choices=["respond", "summarize", "understand"], help="default: the run's task")
+    p.add_argument("--index", help="understand: the retrieval index (default: the one the run was trained with)")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("-o", "--output", help="output directory (default RUN/eval/DATA)")
@@ -342,11 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="the YAML config (embedder, schemas, exemplars, pairs, validation, train, output)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=300 (repeatable)")
+    p = sub.add_parser("understand", help="turn user turns into function calls with an understand run")
+    p.add_argument("model", help="a run trained with task.name: understand")
+    p.add_argument("--index", help="the retrieval index (default: the one the run was trained with)")
+    p.add_argument("--utterance", help="understand one user turn and print its call as JSON")
+    p.add_argument("--input", help='a JSONL of {"messages": [{"role", "content"}]}: a call per user turn')
+    p.add_argument("-o", "--output", help="with --input: the JSONL of calls to write (default: stdout)")
     args = parser.parse_args(argv)
     handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
                 "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval,
                 "schema": cmd_schema, "index": cmd_index, "retrieve": cmd_retrieve, "train-embedder": cmd_train_embedder,
-                "findk": cmd_findk}
+                "findk": cmd_findk, "understand": cmd_understand}
     try:
         return handlers[args.command](args)
     except DialogtuneError as err:  # input or setup the user can fix: a message, not a traceback

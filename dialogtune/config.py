@@ -31,6 +31,7 @@ class DataConfig(Strict):
     columns: Columns = Columns()  # script_csv: which columns hold speaker, text, episode
     speakers: list[str] | None = None  # transcript: only these names start a turn
     actions: Literal["keep", "drop"] = "keep"  # transcript: keep or remove (parenthesised actions)
+    sample: float | None = Field(default=None, gt=0.0, le=1.0)  # keep this share of dialogues (by a hash of the id)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -43,7 +44,7 @@ class Rounds(Strict):
 
 
 class TaskConfig(Strict):
-    name: Literal["respond", "summarize"] = "respond"
+    name: Literal["respond", "summarize", "understand"] = "respond"
     speakers_as: list[str] | None = Field(default=None, alias="as")  # respond: who the model speaks as
     context: Literal["full"] | Rounds = "full"  # respond: whole dialogues, or N previous turns
     system_prompt: str | None = None
@@ -64,7 +65,11 @@ class TaskConfig(Strict):
     def _strip(cls, value: str | None) -> str | None:
         return value.strip() if value else value
     persona: bool = False  # respond: add the speaker's persona lines (PersonaChat) to the system prompt
+    tool_calls: bool = False  # respond, SGD: each service call (trained), its results (never trained), the reply
     instruction: str = "Summarize the following dialogue:"  # summarize
+    index: str | None = None  # understand: the retrieval index (`dialogtune index`) candidates come from
+    candidates: int = Field(default=8, ge=1)  # understand: functions offered in the prompt, best first
+    exemplars: int = Field(default=2, ge=0)  # understand: example utterances shown per candidate
 
     @field_validator("speakers_as", mode="before")
     @classmethod
@@ -223,6 +228,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
     # Relative data paths are relative to the config file, so configs can travel with their data.
     if isinstance(data.get("data"), dict) and "path" in data["data"]:
         data["data"]["path"] = relative_to(path, data["data"]["path"])
+    if isinstance(data.get("task"), dict) and isinstance(data["task"].get("index"), str):  # an input, like data
+        data["task"]["index"] = relative_to(path, data["task"]["index"])[0]
     return data
 
 

@@ -34,13 +34,14 @@ from dialogtune.errors import ConfigError, DataError, StrictError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.models import load_tokenizer
 from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
-from dialogtune.readers import detect_format, read_dialogues
+from dialogtune.readers import TOOL_CALL_FORMATS, detect_format, read_dialogues
 from dialogtune.readers._io import no_gc
 from dialogtune.records import PREPARED_FILE, PreparedInfo, TemplateInfo, TokenizerInfo
 from dialogtune.split import validation_groups
 from dialogtune.tasks import Example
-from dialogtune.tasks.respond import ALL_SPEAKERS, respond
+from dialogtune.tasks.respond import ALL_SPEAKERS, ToolCallStats, respond
 from dialogtune.tasks.summarize import summarize
+from dialogtune.tasks.understand import UnderstandPrompts, understand
 from dialogtune.templates import ChatTemplate, resolve_template
 from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, TokenizeStats
 
@@ -77,6 +78,8 @@ def fingerprint(config: PrepareConfig, tokenizer_id: str, template: ChatTemplate
         digest.update(str(file).encode())
         with open(file, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "blake2b").digest())
+    if config.task.index:  # understand: the candidates in every prompt come from the index
+        digest.update((Path(config.task.index) / "manifest.json").read_bytes())
     return digest.hexdigest()[:32]
 
 
@@ -88,12 +91,53 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 # -- reading and tasks --------------------------------------------------------------
-def examples_of(dialogue: Dialogue, config: PrepareConfig) -> list[Example] | Reject:
+def examples_of(dialogue: Dialogue, config: PrepareConfig, prompts: UnderstandPrompts | None = None,
+                tool_stats: ToolCallStats | None = None) -> list[Example] | Reject:
     task = config.task
     if task.name == "summarize":
         return summarize(dialogue, task.instruction, task.system_prompt)
     rounds = None if task.context == "full" else task.context.rounds
-    return respond(dialogue, set(task.speakers_as or ()), rounds, task.system_prompt, task.persona)
+    if task.name == "understand":
+        return understand(dialogue, prompts, rounds)
+    return respond(dialogue, set(task.speakers_as or ()), rounds, task.system_prompt, task.persona,
+                   task.tool_calls, tool_stats)
+
+
+def require_tool_calls(config: PrepareConfig) -> None:
+    """`task.tool_calls` trains the calls behind `respond`'s turns: only some readers record them."""
+    if not config.task.tool_calls:
+        return
+    if config.task.name != "respond":
+        raise ConfigError(f"task.tool_calls belongs to the respond task, not {config.task.name}; remove it")
+    others = [fmt for fmt in data_formats(config) if fmt not in TOOL_CALL_FORMATS]
+    if others:
+        raise ConfigError(f"task.tool_calls: only {', '.join(TOOL_CALL_FORMATS)} data records the service calls"
+                          f" behind replies, and {', '.join(others)} data has none; remove task.tool_calls")
+
+
+def understand_prompts(config: PrepareConfig, tokenizer) -> UnderstandPrompts | None:
+    """The understand task's prompt builder over its index (None for other tasks)."""
+    from dialogtune.retrieval.index import load_index
+
+    if config.task.name != "understand":
+        return None
+    if not config.task.index:
+        raise ConfigError("task.index is required for understand: the retrieval index that offers the candidate "
+                          "functions (build one with `dialogtune index SCHEMAS --exemplars DATA -o DIR`)")
+    index = load_index(Path(config.task.index))
+
+    def measure(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return UnderstandPrompts(index, config.task.candidates, config.task.exemplars, measure, config.max_length)
+
+
+def sampled(dialogue: Dialogue, share: float | None) -> bool:
+    """Whether `data.sample` keeps this dialogue: a hash of its id, so the same dialogues are kept
+    whatever the order or the files they come in."""
+    if share is None:
+        return True
+    return int(hashlib.blake2b(dialogue.id.encode(), digest_size=8).hexdigest(), 16) < share * 2**64
 
 
 def require_targets(config: PrepareConfig) -> None:
@@ -126,8 +170,10 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     for path in config.data.path:
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or directory")
+    require_tool_calls(config)
     tokenizer = load_tokenizer(config.model.name)
-    template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn)
+    template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn,
+                                tools=config.task.tool_calls)
     import datasets  # noqa: F401  (a second of imports, pandas included: not preparation work)
 
     started = time.perf_counter()  # preparation proper: loading libraries and the tokenizer is not part of it
@@ -149,12 +195,15 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         print_warnings(stats)  # still true of the data: said again, not only the first time
         return Prepared(out, stats, True)
     require_targets(config)
+    prompts = understand_prompts(config, tokenizer)
+    tool_stats = ToolCallStats()
     encoder = ExampleEncoder(tokenizer, template, config.max_length)
     tok_stats = TokenizeStats()
     rejects: list[Reject] = []
     speakers: Counter[str] = Counter()
     tokenized: list[Tokenized] = []
     dialogues = 0
+    sampled_out = 0
     pending: list[Example] = []
     notes: list[str] = []  # what readers noticed about whole files (mostly narration, say)
 
@@ -187,10 +236,13 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                     if isinstance(item, Reject):
                         note_reject(item)
                         continue
+                    if not sampled(item, config.data.sample):
+                        sampled_out += 1
+                        continue
                     dialogues += 1
                     bar.update()
                     speakers.update(t.speaker for t in item.turns if t.speaker)
-                    made = examples_of(item, config)
+                    made = examples_of(item, config, prompts, tool_stats)
                     if isinstance(made, Reject):
                         note_reject(made)
                         continue
@@ -227,6 +279,22 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                            for split, items in parts.items()}
         elapsed = time.perf_counter() - started
         stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
+        if config.data.sample is not None:
+            stats["sampled_out"] = sampled_out  # dialogues data.sample left out (not rejects: by choice)
+        if prompts is not None:
+            stats["understand"] = {"turns": prompts.stats.turns,
+                                   "gold_not_retrieved": prompts.stats.gold_not_retrieved,
+                                   "second_calls_not_trained": prompts.stats.second_calls,
+                                   "dropped_for_length": dict(prompts.stats.dropped)}
+            if prompts.stats.gold_not_retrieved:
+                warnings.append(f"the index did not offer the gold function for {prompts.stats.gold_not_retrieved} of "
+                                f"{prompts.stats.turns} turns: they are trained to answer 'none' (raise task.candidates"
+                                " or fine-tune the embedder; `dialogtune findk` measures the recall)")
+        if config.task.tool_calls:  # calls written, and the results their tool messages left out
+            stats["tool_calls"] = tool_stats.as_dict()
+            if not tool_stats.calls:
+                warnings.append(f"task.tool_calls: no turn by {', '.join(config.task.speakers_as or [])} made a"
+                                " service call (SGD's calls are the SYSTEM side's)")
         stats["warnings"] = warnings
         stats["reader_notes"] = notes  # kept apart: --strict refuses them on a cache hit too
         write_json(staging / "stats.json", stats)
@@ -346,7 +414,7 @@ def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: Chat
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         pad_note = ("the tokenizer has no pad token; padding uses id "
                     f"{pad}, which is never learned from (labels come from message spans, not token ids)")
-    targets = config.task.speakers_as or (["assistant"] if config.task.name == "summarize" else [])
+    targets = config.task.speakers_as or (["assistant"] if config.task.name in ("summarize", "understand") else [])
     stops = [template.end_of_turn]
     if template.name == "transcript":
         stops += [f"\n{name}:" for name in speakers if name not in targets]

@@ -119,6 +119,8 @@ class RunInfo:
     max_length: int
     system_prompt: str | None = None
     instruction: str | None = None  # summarize: the instruction prompts were built with
+    # understand: how prompts were built (index, candidates, exemplars, rounds), so use builds the same
+    understand: dict[str, Any] | None = None
 
     def save(self, directory: Path) -> None:
         write_json(Path(directory) / RUN_INFO_FILE, dataclasses.asdict(self))
@@ -140,7 +142,16 @@ class RunInfo:
                    task=prepared.task, template=prepared.template.name, end_of_turn=prepared.template.end_of_turn,
                    speakers_as=list(prepared.speakers_as), stop_strings=list(prepared.stop_strings),
                    max_length=prepared.max_length, system_prompt=system_prompt,
-                   instruction=instruction if prepared.task == "summarize" else None)
+                   instruction=instruction if prepared.task == "summarize" else None,
+                   understand=understand_settings(prepared.config) if prepared.task == "understand" else None)
+
+
+def understand_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What the understand task's prompts were built with, from a prepare config (as JSON)."""
+    task = config["task"]
+    context = task.get("context", "full")
+    return {"index": str(Path(task["index"]).resolve()), "candidates": task["candidates"],
+            "exemplars": task["exemplars"], "rounds": None if context == "full" else context["rounds"]}
 
 
 def find_run_info(path: Path) -> Path | None:

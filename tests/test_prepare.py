@@ -282,3 +282,32 @@ def test_a_quiet_preparation_draws_no_bars_and_leaves_the_setting(tmp_path, tiny
     prepare(make_config(tmp_path, tiny_model_dir), quiet=True)
     assert "Saving the dataset" not in capfd.readouterr().err  # eval and train prepare quietly
     assert not datasets.are_progress_bars_disabled()
+
+
+def test_tool_calls_train_sgd_calls_with_the_shipped_tool_template(tmp_path, tiny_model_dir, capsys):
+    """The tiny model's own template is plain ChatML (no calls, like SmolLM2's): chatml_tools is
+    used, said, and recorded in prepare.json, which is what chat, generate and serve render with."""
+    config = make_config(tmp_path, tiny_model_dir, data={"path": str(FIXTURES / "sgd_calls"), "format": "sgd"},
+                         task={"as": "SYSTEM", "tool_calls": True}, template={"name": "model"}, max_length=4096)
+    stats = prepare(config, quiet=True).stats
+    assert "task.tool_calls renders with the shipped 'chatml_tools' template" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert manifest["template"]["name"] == "chatml_tools" and manifest["template"]["end_of_turn"] == "<|im_end|>"
+    assert manifest["config"]["task"]["tool_calls"] is True
+    # Both calls written; of the search's 4 results, the one past the first 3 left out, and counted.
+    assert stats["tool_calls"] == {"calls": 2, "results": 5, "results_left_out": 1, "results_shown_per_call": 3}
+    row = datasets.load_from_disk(str(tmp_path / "out" / "train"))[0]
+    assert row["trained_messages"][0] == ""  # the call: its text is the template's, not a content
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+    assert trained.startswith('<tool_call>\n{"name": "Events_1__FindEvents", "arguments": {"category": "Music"')
+    assert '"count": 4' in tokenizer.decode(row["input_ids"]) and '"count"' not in trained  # read, never trained
+
+
+def test_tool_calls_need_data_that_records_them(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="only sgd data records the service calls behind replies, and transcript"):
+        prepare(make_config(tmp_path, tiny_model_dir, task={"tool_calls": True}), quiet=True)
+    with pytest.raises(ConfigError, match="task.tool_calls belongs to the respond task, not summarize"):
+        prepare(make_config(tmp_path, tiny_model_dir, task={"name": "summarize", "tool_calls": True}), quiet=True)

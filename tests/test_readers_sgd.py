@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 
 import pytest
@@ -13,8 +14,8 @@ from dialogtune.errors import DataError
 from dialogtune.readers import detect_format, read_dialogues, sgd
 
 SGD_DIR = FIXTURES / "sgd"
+SGD_CALLS = FIXTURES / "sgd_calls"  # a dialogue with two service calls, one returning 4 results
 SGD_DEV = SHARED_DATA / "sgd" / "dev"
-
 
 
 def _summary(out) -> list[tuple]:
@@ -88,6 +89,38 @@ def test_services_and_their_schemas_are_kept_on_dialogues():
     assert all("Music_1" not in d.meta["schemas"] for d in dialogues)
 
 
+def test_service_calls_are_kept_as_named_calls_with_their_results():
+    (dialogue,), rejects = split_items(sgd.read(SGD_CALLS))
+    assert rejects == []
+    calls = [(i, t.meta["tool_calls"]) for i, t in enumerate(dialogue.turns) if "tool_calls" in t.meta]
+    assert [(i, [(c["name"], c["arguments"], len(c["results"])) for c in turn_calls]) for i, turn_calls in calls] == [
+        (1, [("Events_1__FindEvents", {"category": "Music", "city_of_event": "Chicago", "date": "2019-03-02"}, 4)]),
+        (5, [("Events_1__BuyEventTickets", {"event_name": "Alejandro Sanz", "number_of_seats": "2",
+                                            "date": "2019-03-02", "city_of_event": "Chicago"}, 1)]),
+    ]
+    # The results are SGD's own, in order, and the frames are kept as they were.
+    frame = dialogue.turns[1].meta["frames"][0]
+    assert calls[0][1][0]["results"] == frame["service_results"]
+    assert [r["event_name"] for r in frame["service_results"]] == ["Alejandro Sanz", "Beach House", "Cher",
+                                                                    "Kacey Musgraves"]
+
+
+def test_a_malformed_service_call_rejects_its_turn(tmp_path):
+    (tmp_path / "dialogues_001.json").write_text(json.dumps([{"dialogue_id": "1_0", "services": ["Events_1"], "turns": [
+        {"speaker": "USER", "utterance": "Hi.", "frames": []},
+        {"speaker": "SYSTEM", "utterance": "Searching.", "frames": [{"service": "Events_1", "service_call": {
+            "method": "FindEvents"}, "service_results": []}]},
+        {"speaker": "SYSTEM", "utterance": "Found one.", "frames": [{"service": "Events_1", "service_call": {
+            "method": "FindEvents", "parameters": {}}, "service_results": ["not an object"]}]},
+    ]}]))
+    (dialogue,), rejects = split_items(sgd.read(tmp_path))
+    assert [(r.item, r.reason) for r in rejects] == [
+        ("[0].turns[1]", "frames[0]: a service_call needs a 'service', a string 'method' and an object 'parameters'"),
+        ("[0].turns[2]", "frames[0]: service_results must be a list of objects"),
+    ]
+    assert [t.text for t in dialogue.turns] == ["Hi."]
+
+
 def test_single_file_finds_the_schema_next_to_it():
     assert _summary(sgd.read(SGD_DIR / "dialogues_001.json")) == _summary(sgd.read(SGD_DIR))
 
@@ -147,3 +180,9 @@ def test_real_sgd_dev():
             for frame in turn.meta["frames"]:
                 assert frame["service"] in dialogue.meta["services"]
                 assert ("state" in frame) == (turn.speaker == "USER")
+            # Every service call is kept as a call, on system turns only, named as `dialogtune schema` names it.
+            frames = [f for f in turn.meta["frames"] if "service_call" in f]
+            assert [(c["name"], c["arguments"]) for c in turn.meta.get("tool_calls", [])] == [
+                (f"{f['service']}__{f['service_call']['method']}", f["service_call"]["parameters"]) for f in frames]
+            assert not frames or turn.speaker == "SYSTEM"
+        assert any("tool_calls" in t.meta for t in dialogue.turns)

@@ -135,6 +135,28 @@ def test_content_analysis_tells_opaque_templates_from_rewriting_ones():
     assert uses_names(shipped_source("transcript")) and not uses_names(shipped_source("chatml"))
 
 
+def test_tool_calls_pick_a_template_that_writes_them(byte_tokenizer, capsys):
+    from dialogtune.templates import renders_tool_calls, uses_names
+
+    assert renders_tool_calls(shipped_source("chatml_tools")) and not renders_tool_calls(shipped_source("chatml"))
+    assert not uses_names(shipped_source("chatml_tools"))  # a call's function name is not a speaker's
+    byte_tokenizer.chat_template = shipped_source("chatml")  # a model template without calls, like SmolLM2's
+    try:
+        assert resolve_template("model", byte_tokenizer).name == "model"
+        assert capsys.readouterr().err == ""
+        tools = resolve_template("model", byte_tokenizer, tools=True)
+        assert (tools.name, tools.source, tools.end_of_turn) == (
+            "chatml_tools", shipped_source("chatml_tools"), "<|im_end|>")
+        assert "writes no tool calls; task.tool_calls renders with the shipped 'chatml_tools'" in capsys.readouterr().err
+        byte_tokenizer.chat_template = shipped_source("chatml_tools")  # a model template with calls is kept
+        assert resolve_template("model", byte_tokenizer, tools=True).name == "model"
+    finally:
+        byte_tokenizer.chat_template = None
+    assert resolve_template("chatml_tools", byte_tokenizer, tools=True).name == "chatml_tools"
+    with pytest.raises(TemplateError, match="template 'chatml' writes no tool calls.*use 'chatml_tools'"):
+        resolve_template("chatml", byte_tokenizer, tools=True)
+
+
 def test_only_the_examples_a_template_rewrites_are_rejected(byte_tokenizer):
     from dialogtune.templates import ChatTemplate
     from dialogtune.tokenize import TokenizeStats
@@ -180,3 +202,29 @@ def test_smollm2_own_template_is_exact():
     # Without a system message SmolLM2's template writes its default one: untrained.
     text = tokenizer.decode(tokenized.input_ids.tolist())
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+@pytest.mark.slow
+def test_smollm2_with_tool_calls_renders_chatml_tools_exactly():
+    """SmolLM2's own template writes no calls: the SGD calls go through chatml_tools, exactly."""
+    import json
+
+    from helpers import FIXTURES, split_items
+
+    from dialogtune.models import load_tokenizer
+    from dialogtune.readers import sgd
+    from dialogtune.tasks.respond import respond
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    template = resolve_template("model", tokenizer, tools=True)
+    assert template.name == "chatml_tools"
+    (dialogue,), _ = split_items(sgd.read(FIXTURES / "sgd_calls"))
+    (ex,) = respond(dialogue, {"SYSTEM"}, tool_calls=True)
+    tokenized, _ = ExampleEncoder(tokenizer, template, max_length=4096).encode_one(ex)
+    assert tokenized.input_ids.tolist() == reference_ids(tokenizer, ex.chat(), template.source)
+    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+             for m in ex.messages if m.get("tool_calls") for c in m["tool_calls"]]
+    replies = [m["content"] for m in ex.messages if m["train"] and not m.get("tool_calls")]
+    assert trained_runs(tokenizer, tokenized.input_ids, tokenized.labels) == [
+        "<tool_call>\n" + calls[0] + "\n</tool_call><|im_end|>", replies[0] + "<|im_end|>", replies[1] + "<|im_end|>",
+        "<tool_call>\n" + calls[1] + "\n</tool_call><|im_end|>", replies[2] + "<|im_end|>", replies[3] + "<|im_end|>"]

@@ -6,6 +6,7 @@ the shapes real data has (per shipped template), and against transformers' assis
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def label_check():
 # name: (fixture, format). SAMSum itself may not be shipped (its licence): samsum_shaped.json
 # is written in its shape, with its '<file_photo>' lines and runs of turns by one speaker.
 FIXTURE_SETS = {"sgd": ("sgd", "sgd"), "samsum": ("samsum_shaped.json", "rows"), "msc": ("msc_sample.json", "msc"),
-                "personachat": ("personachat.txt", "parlai"), "transcript": ("transcript.txt", "transcript")}
+                "personachat": ("personachat.txt", "parlai"), "transcript": ("transcript.txt", "transcript"),
+                "sgd_tools": ("sgd_calls", "sgd")}  # as tool-calling conversations, with chatml_tools
 
 
 def fixture_sample() -> dict[str, list[Dialogue]]:
@@ -71,6 +73,9 @@ def test_ids_and_labels_equal_the_slow_reference_on_every_template_and_length(la
     rows = label_check.check(tokenizer, fixture_sample(), label_check.templates_for(tokenizer))
     assert [f"{r.source} {r.template} {r.max_length}: {p}" for r in rows for p in r.problems] == []
     assert {r.template for r in rows} == set(SHIPPED) and {r.max_length for r in rows} == {4096, 192, 64}
+    # The calls are checked with the one shipped template that writes them, and some are trained.
+    tools = [r for r in rows if r.source == "sgd_tools"]
+    assert {r.template for r in tools} == {"chatml_tools"} and tools[0].trained > 0
     # Not vacuous: whole examples, examples cut into pieces and turns too long for any piece.
     assert all(r.pieces == r.examples and not r.too_long for r in rows if r.max_length == 4096)
     assert sum(r.pieces - r.examples for r in rows if r.max_length == 192) > 0
@@ -116,6 +121,7 @@ SHAPES = {
 # trained with it; then the end-of-turn marker, which Llama 2 writes after a space.
 AROUND_CONTENT = {
     "chatml": ("", "<|im_end|>"),
+    "chatml_tools": ("", "<|im_end|>"),
     "user_assistant": (" ", "</s>"),
     "transcript": (" ", "\n"),
     "dialogpt": ("", "</s>"),
@@ -158,6 +164,39 @@ def test_trained_tokens_are_exactly_each_trained_message_and_its_end_of_turn(wor
         got = word_tokenizer.convert_ids_to_tokens(tokenized.input_ids[tokenized.labels != IGNORE_INDEX].tolist())
         # e.g. transcript, narration: ['ĠCoffee', '?', 'Ċ', 'ĠHere', 'Ġyou', 'Ġgo', '.', 'Ċ']
         assert got == [token for content in contents for token in word_tokenizer.tokenize(before + content + after)]
+
+
+# -- tool calls: the call and the reply trained, the tool's answer never ----------------------
+@pytest.mark.parametrize("max_length", [4096, 800])
+def test_a_call_and_its_reply_are_trained_token_for_token_and_the_tool_answer_never(word_tokenizer, max_length):
+    """SGD with task.tool_calls under chatml_tools, whole and cut into pieces by `fit`: every
+    piece's ids are apply_chat_template's, and its trained tokens are exactly an independent
+    tokenization of each trained message's own text (the call as the template writes it) and
+    '<|im_end|>', in order: nothing of a tool message, nothing of anyone else's turn."""
+    (dialogue,) = [d for d in read_dialogues(FIXTURES / "sgd_calls", "sgd") if isinstance(d, Dialogue)]
+    examples = respond(dialogue, {"SYSTEM"}, tool_calls=True)
+    template = resolve_template("chatml_tools", word_tokenizer, tools=True)
+    stats = TokenizeStats()
+    pieces = list(ExampleEncoder(word_tokenizer, template, max_length).encode(examples, stats))
+    assert stats.rejects == [] and (len(pieces) > 1) == (max_length == 800)
+
+    def own_text(m: dict) -> str:
+        calls = "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                        + "\n</tool_call>" for c in m.get("tool_calls", []))
+        return m["content"] + calls + "<|im_end|>"
+
+    trained_messages = []
+    for piece in pieces:
+        assert len(piece.input_ids) <= max_length
+        assert piece.input_ids.tolist() == word_tokenizer.apply_chat_template(
+            piece.example.chat(), chat_template=template.source, tokenize=True, return_dict=False)
+        got = word_tokenizer.convert_ids_to_tokens(piece.input_ids[piece.labels != IGNORE_INDEX].tolist())
+        trained = [m for m in piece.example.messages if m["train"]]
+        assert got == [token for m in trained for token in word_tokenizer.tokenize(own_text(m))]
+        assert all(m["role"] == "assistant" for m in trained)
+        trained_messages += trained
+    # Each of the 6 trained messages (2 calls, 4 replies) in exactly one piece; both tool answers are context.
+    assert [bool(m.get("tool_calls")) for m in trained_messages] == [True, False, False, True, False, False]
 
 
 # -- transformers' assistant mask ----------------------------------------------------------

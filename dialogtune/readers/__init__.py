@@ -25,7 +25,11 @@ FORMATS: dict[str, Reader] = {
     "dailydialog": dailydialog.read,
 }
 
-__all__ = ["FORMATS", "DataError", "detect_format", "read_dialogues"]
+# Formats whose reader records the tool calls behind a turn (`turn.meta["tool_calls"]`), what
+# `task.tool_calls` trains: SGD's service calls and results.
+TOOL_CALL_FORMATS = ("sgd",)
+
+__all__ = ["FORMATS", "TOOL_CALL_FORMATS", "DataError", "detect_format", "read_dialogues"]
 
 
 def _head(path: Path, size: int = 4096) -> str:

@@ -130,6 +130,8 @@ class RetrievalIndex:
         self.keywords = keywords  # a bm25s.BM25 over the templates, or None without exemplars
         self.query_instruction = query_instruction
         self.by_name = {function.name: function for function in self.functions}
+        # each exemplar's dialogue (or file): a training query must not find its own turn
+        self._exemplar_groups = np.array([str(e.source[0]) for e in self.exemplars], dtype=object)
 
     @property
     def dimension(self) -> int:
@@ -147,20 +149,27 @@ class RetrievalIndex:
                 owners[name] = [(row, score)]
         return list(owners.items())
 
-    def search(self, utterance: str, top_k: int = 8, max_exemplars: int = 8) -> Hits:
+    def search(self, utterance: str, top_k: int = 8, max_exemplars: int = 8, exclude_group: str | None = None) -> Hits:
+        """`exclude_group`: leave out the exemplars of this dialogue (or file). Building training
+        prompts from the dialogues the index was built from, each turn would otherwise find itself."""
         query = embed(self.model, [utterance], prefix=self.query_instruction)[0]
         hits = Hits([(self.functions[row].name, score) for row, score in _top(self.description_vectors @ query, top_k)])
         if not self.exemplars:
             return hits
         if self.query_instruction:  # exemplars are searched symmetrically: utterance against template
             query = embed(self.model, [utterance])[0]
-        dense = self._exemplar_hits(self.exemplar_vectors @ query, top_k, max_exemplars)
+        dense_scores = self.exemplar_vectors @ query
         tokens = _keyword_tokens([utterance], return_ids=False)[0]
         keyword_scores = self.keywords.get_scores(tokens) if tokens else np.zeros(len(self.exemplars))
         keyword_scores = np.where(keyword_scores > 0, keyword_scores, -np.inf)  # no shared word: no hit
-        keyword = [(name, [(row, score) for row, score in rows if score > -np.inf])
-                   for name, rows in self._exemplar_hits(keyword_scores, top_k, max_exemplars)]
-        keyword = [(name, rows) for name, rows in keyword if rows]
+        if exclude_group is not None:
+            own = self._exemplar_groups == exclude_group
+            dense_scores[own] = -np.inf
+            keyword_scores[own] = -np.inf
+        dense, keyword = ([(name, [(row, score) for row, score in rows if score > -np.inf])
+                           for name, rows in self._exemplar_hits(scores, top_k, max_exemplars)]
+                          for scores in (dense_scores, keyword_scores))
+        dense, keyword = ([(name, rows) for name, rows in hits_ if rows] for hits_ in (dense, keyword))
         hits.exemplars_dense = [(name, rows[0][1]) for name, rows in dense]
         hits.exemplars_keyword = [(name, rows[0][1]) for name, rows in keyword]
         # a function's exemplars from both searches, each exemplar at its best rank in either
@@ -177,8 +186,9 @@ class RetrievalIndex:
                           tuple(self.exemplars[row] for row in hits.exemplar_rows.get(name, [])))
                 for name, score in fuse(lists, fusion)]
 
-    def retrieve(self, utterance: str, top_k: int = 8, fusion: str = "rrf", max_exemplars: int = 8) -> list[Candidate]:
-        return self.candidates(self.search(utterance, top_k, max_exemplars), fusion)
+    def retrieve(self, utterance: str, top_k: int = 8, fusion: str = "rrf", max_exemplars: int = 8,
+                 exclude_group: str | None = None) -> list[Candidate]:
+        return self.candidates(self.search(utterance, top_k, max_exemplars, exclude_group), fusion)
 
 
 def indexable_exemplars(exemplars: Sequence[Exemplar], functions: Sequence[Function]) -> list[Exemplar]:

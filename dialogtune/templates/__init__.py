@@ -3,10 +3,14 @@
 Each template knows its end-of-turn marker: the text after a message that the model must
 learn to produce so it stops (`<|im_end|>` for ChatML, the EOS token for most others,
 a newline for `Name: text` transcripts).
+
+Conversations with tool calls need a template that writes them (`renders_tool_calls`): the
+model's own if it does, else the shipped `chatml_tools`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from importlib import resources
 
@@ -20,8 +24,12 @@ SHIPPED = {
     "dialogpt": "{eos}",
     "llama2": "{eos}",
     "vicuna": "{eos}",
+    "chatml_tools": "<|im_end|>",  # ChatML that writes tool calls (TOOLS_TEMPLATE)
 }
 MODEL_TEMPLATE = "model"  # the tokenizer's own chat template
+# What tool-calling conversations (task.tool_calls) are rendered with when the model's own template
+# writes no tool calls: a template that ignores `tool_calls` would train an empty assistant turn.
+TOOLS_TEMPLATE = "chatml_tools"
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,27 @@ def content_is_opaque(source: str) -> bool:
 
 
 def uses_names(source: str) -> bool:
-    """Whether the template reads a message's `name` (transcripts do; ChatML does not)."""
+    """Whether the template reads a message's `name` (transcripts do; ChatML does not). A tool
+    call's `function.name` is not a speaker's name: it is part of the call's own text."""
     from jinja2 import nodes
 
-    return any(_names_field(node, "name") for node in _template_ast(source).find_all((nodes.Getitem, nodes.Getattr)))
+    return any(_names_field(node, "name") and not _names_field(node.node, "function")
+               for node in _template_ast(source).find_all((nodes.Getitem, nodes.Getattr)))
 
 
-def resolve_template(name: str, tokenizer, end_of_turn: str | None = None) -> ChatTemplate:
+def renders_tool_calls(source: str) -> bool:
+    """Whether the template reads a message's `tool_calls` (Qwen, Llama 3.1, Hermes, chatml_tools
+    do; SmolLM2's and plain ChatML do not, and would drop the calls without a word)."""
+    from jinja2 import nodes
+
+    return any(_names_field(node, "tool_calls")
+               for node in _template_ast(source).find_all((nodes.Getitem, nodes.Getattr)))
+
+
+def resolve_template(name: str, tokenizer, end_of_turn: str | None = None, tools: bool = False) -> ChatTemplate:
+    """The template `name` stands for. With `tools` (conversations with tool calls), a model
+    template without tool calls gives way to the shipped TOOLS_TEMPLATE (said on stderr), and a
+    shipped one without them is refused."""
     if name == MODEL_TEMPLATE:
         source = tokenizer.chat_template
         if not isinstance(source, str) or not source:
@@ -112,13 +134,21 @@ def resolve_template(name: str, tokenizer, end_of_turn: str | None = None) -> Ch
                 f"the tokenizer {tokenizer.name_or_path!r} has no chat template of its own;"
                 f" choose one with template.name: {', '.join(SHIPPED)}"
             )
-        return ChatTemplate(name, source, end_of_turn or detect_end_of_turn(tokenizer, source))
+        if not tools or renders_tool_calls(source):
+            return ChatTemplate(name, source, end_of_turn or detect_end_of_turn(tokenizer, source))
+        print(f"note: the chat template of {tokenizer.name_or_path!r} writes no tool calls; task.tool_calls"
+              f" renders with the shipped {TOOLS_TEMPLATE!r} template instead (template.name chooses another)",
+              file=sys.stderr)
+        name = TOOLS_TEMPLATE
     if name not in SHIPPED:
         import difflib
 
         close = difflib.get_close_matches(name, [*SHIPPED, MODEL_TEMPLATE], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TemplateError(f"unknown template {name!r}{hint}; choose one of: {MODEL_TEMPLATE}, {', '.join(SHIPPED)}")
+    if tools and not renders_tool_calls(shipped_source(name)):
+        raise TemplateError(f"template {name!r} writes no tool calls, which task.tool_calls trains; use"
+                            f" {TOOLS_TEMPLATE!r} or a model template that has them (template.name: {MODEL_TEMPLATE})")
     marker = end_of_turn or SHIPPED[name]
     if "{eos}" in marker:
         if not tokenizer.eos_token:

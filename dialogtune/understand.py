@@ -1,0 +1,233 @@
+"""`dialogtune understand RUN --index DIR`: user turns in, function calls out.
+
+    dialogtune understand runs/sgd-understand --utterance "Book a table for two at 7 pm"
+    dialogtune understand runs/sgd-understand --input dialogues.jsonl --output calls.jsonl
+    dialogtune understand runs/sgd-understand            # interactive
+
+Each turn is answered the way the `understand` task trained it (tasks/understand.py): the
+candidates retrieved for the turn, then the function, then one argument at a time. Decoding is
+greedy and constrained through transformers' `prefix_allowed_tokens_fn`: the function is one of
+the offered names or `none`; a categorical argument is one of its values, `dontcare` or `null`;
+a free-text argument is whatever the model writes before its end of turn. Every answer is a
+string, so every call serialises. The questions form one growing sequence, so each one reuses
+the key/value cache of everything before it (cropped to the tokens a re-render shares).
+A conversation's calls are its dialogue state (dialogtune.state): new values update it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dialogtune.errors import ConfigError, DataError, RunError
+from dialogtune.infer import ChatModel, load_chat_model
+from dialogtune.state import Call, DialogueState
+from dialogtune.tasks.understand import NONE, NULL, UnderstandPrompts, argument_options, argument_question
+
+MAX_VALUE_TOKENS = 24  # a free-text argument's answer (SGD's longest values are addresses)
+
+
+@dataclass
+class TurnResult:
+    call: Call  # the state's call after this turn
+    function: str | None  # what stage 1 answered
+    changes: dict[str, str]  # what stage 2 answered (non-null values)
+    candidates: list[str]
+    seconds: float
+
+
+@dataclass
+class Conversation:
+    """One conversation's running understanding: its turns so far and its state."""
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (speaker, text), "USER" / "SYSTEM"
+    state: DialogueState = field(default_factory=DialogueState)
+    in_progress: str | None = None
+
+
+def option_trie(tokenizer, options: Sequence[str], end_ids: set[int]) -> dict[tuple[int, ...], set[int]]:
+    """For each token prefix of an option, the tokens that may follow; a whole option is followed
+    by an end-of-turn token. Options are tokenized as an assistant message's content is."""
+    trie: dict[tuple[int, ...], set[int]] = {}
+    for option in options:
+        ids = tuple(tokenizer(option, add_special_tokens=False).input_ids)
+        for i in range(len(ids)):
+            trie.setdefault(ids[:i], set()).add(ids[i])
+        trie.setdefault(ids, set()).update(end_ids)
+    return trie
+
+
+class Understander:
+    """A trained understand run with its retrieval index."""
+
+    def __init__(self, chat: ChatModel, prompts: UnderstandPrompts, rounds: int | None = 2):
+        self.chat = chat
+        self.prompts = prompts
+        self.rounds = rounds
+        self.end_ids = chat.end_token_ids() | set(chat.tokenizer.convert_tokens_to_ids([chat.end_of_turn]))
+        self.end_ids.discard(chat.tokenizer.unk_token_id)
+        self.parameters = {f.name: [p.name for p in f.parameters] for f in prompts.index.functions}
+        self._tries: dict[tuple[str, ...], dict] = {}
+
+    # --- decoding -------------------------------------------------------------------------------
+    def _trie(self, options: Sequence[str]) -> dict:
+        key = tuple(options)
+        if key not in self._tries:
+            self._tries[key] = option_trie(self.chat.tokenizer, options, self.end_ids)
+        return self._tries[key]
+
+    def _answer(self, messages: list[dict], session: dict, options: Sequence[str] | None) -> str:
+        """The greedy answer to the conversation's last question, constrained to `options` when
+        given. `session` keeps the sequence and key/value cache between questions of one turn."""
+        from transformers import DynamicCache
+
+        tokenizer, model = self.chat.tokenizer, self.chat.model
+        ids = tokenizer(self.chat.render(messages), add_special_tokens=False, return_tensors="pt").input_ids
+        cache = session.get("cache")
+        if cache is None or self.chat.is_encoder_decoder:
+            cache = None if self.chat.is_encoder_decoder else DynamicCache()
+        else:  # keep the cached tokens this render shares with the last sequence
+            previous = session["ids"]
+            shared = 0
+            limit = min(previous.shape[1], ids.shape[1] - 1, cache.get_seq_length())
+            while shared < limit and previous[0, shared] == ids[0, shared]:
+                shared += 1
+            cache.crop(shared - cache.get_seq_length())  # tokens to remove, as a negative count
+        width = ids.shape[1]
+        allowed = None
+        if options is not None:
+            trie = self._trie(options)
+            everything = list(self.end_ids)
+
+            def allowed(_batch: int, sequence: torch.Tensor) -> list[int]:
+                return list(trie.get(tuple(sequence[width:].tolist()), everything))
+        longest = max((len(k) for k in self._trie(options)), default=0) + 1 if options is not None else MAX_VALUE_TOKENS
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+                cache=cache, max_new_tokens=longest, do_sample=False,
+                prefix_allowed_tokens_fn=allowed, eos_token_id=sorted(self.end_ids),
+                pad_token_id=self.chat.tokenizer.pad_token_id or min(self.end_ids))
+        session["cache"], session["ids"] = cache, output
+        reply = self.chat.reply_tokens(output, width)[0].tolist()
+        reply = [t for t in reply if t not in self.end_ids]
+        return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+    # --- one turn -------------------------------------------------------------------------------
+    def turn(self, conversation: Conversation, utterance: str) -> TurnResult:
+        """Understand the user's next turn and fold it into the conversation's state."""
+        started = time.perf_counter()
+        history = conversation.turns
+        context = list(history[max(0, len(history) - self.rounds):] if self.rounds is not None else history)
+        offered = self.prompts.offered(utterance, conversation.in_progress)
+        offered, context = self.prompts.fit(offered, context, utterance)
+        messages = self.prompts.function_messages(offered, context, utterance)
+        session: dict[str, Any] = {}
+        names = [o.name for o in offered]
+        answer = self._answer(messages, session, [*names, NONE])
+        function = answer if answer in names else None
+        changes: dict[str, str] = {}
+        messages.append({"role": "assistant", "content": answer})
+        for parameter in self.prompts.index.by_name[function].parameters if function else ():
+            messages.append({"role": "user", "content": argument_question(parameter)})
+            value = self._answer(messages, session, argument_options(parameter))
+            messages.append({"role": "assistant", "content": value})
+            if value and value != NULL:
+                changes[parameter.name] = value
+        call = conversation.state.update(function, changes, self.parameters)
+        conversation.turns.append(("USER", utterance))
+        conversation.in_progress = function or conversation.in_progress
+        return TurnResult(call, function, changes, names, time.perf_counter() - started)
+
+
+def load_understander(run: str, index: str | None = None) -> Understander:
+    """A run trained on the understand task, with the index it was trained with (or `index`)."""
+    from dialogtune.retrieval.index import load_index
+
+    chat = load_chat_model(run)
+    settings = chat.info.understand if chat.info else None
+    if settings is None:
+        raise RunError(f"{run}: not an understand run (task: {chat.info.task if chat.info else 'none'}); train one "
+                       "with task.name: understand")
+    location = index or settings["index"]
+    if not Path(location).exists():
+        raise ConfigError(f"{location}: no retrieval index here (the run was trained with {settings['index']}); "
+                          "pass --index DIR")
+    tokenizer = chat.tokenizer
+
+    def measure(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    prompts = UnderstandPrompts(load_index(Path(location)), settings["candidates"], settings["exemplars"], measure,
+                                chat.info.max_length)
+    return Understander(chat, prompts, settings["rounds"])
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+ROLES = {"user": "USER", "assistant": "SYSTEM", "system": None, "tool": None}
+
+
+def read_conversations(path: Path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(id, [(USER|SYSTEM, text)]) per line of a JSONL of {"id"?, "messages": [{"role", "content"}]}
+    (OpenAI roles: user turns are understood, assistant turns are context)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise DataError(f"{path}:{number}: not JSON ({err})") from err
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list):
+                raise DataError(f'{path}:{number}: expected {{"messages": [{{"role", "content"}}, ...]}}')
+            turns = []
+            for position, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise DataError(f"{path}:{number}: messages[{position}]: expected a role of "
+                                    f"{', '.join(ROLES)} and a string content")
+                if ROLES[m["role"]]:
+                    turns.append((ROLES[m["role"]], m["content"]))
+            yield str(record.get("id", number)), turns
+
+
+def understand_conversation(understander: Understander, turns: Iterable[tuple[str, str]]) -> Iterator[TurnResult]:
+    conversation = Conversation()
+    for speaker, text in turns:
+        if speaker == "USER":
+            yield understander.turn(conversation, text)
+        else:
+            conversation.turns.append((speaker, text))
+
+
+def latency(seconds: Sequence[float]) -> dict[str, float | None]:
+    if not seconds:
+        return {"p50_ms": None, "p95_ms": None}
+    ordered = sorted(seconds)
+    return {"p50_ms": round(statistics.median(ordered) * 1000, 1),
+            "p95_ms": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000, 1)}
+
+
+def run_batch(understander: Understander, source: Path, output: Path | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    seconds = []
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
+        for conversation_id, turns in tqdm(list(read_conversations(source)), desc="understand", unit=" dialogues",
+                                           disable=output is None):
+            for number, result in enumerate(understand_conversation(understander, turns)):
+                seconds.append(result.seconds)
+                out.write(json.dumps({"id": conversation_id, "user_turn": number, **result.call.as_dict(),
+                                      "candidates": result.candidates, "ms": round(result.seconds * 1000, 1)},
+                                     ensure_ascii=False) + "\n")
+    return {"turns": len(seconds), **latency(seconds)}
