@@ -56,8 +56,8 @@ def test_one_example_per_user_turn_with_the_function_then_each_argument(index):
         assert question.startswith(f"Argument {parameter.name}: ")
         if parameter.enum:  # categorical: every possible value listed
             assert f"One of: {', '.join(parameter.enum)}." in question
-    assert answers == [(dict(restaurant_name="Sushi Ran", city="Sausalito", party_size="4").get(p.name, NULL), True)
-                       for p in reserve.parameters]
+    said = {"restaurant_name": "Sushi Ran", "city": "Sausalito", "party_size": "4"}
+    assert answers == [(said.get(p.name, NULL), True) for p in reserve.parameters]
     # the next turn changes only the party size: everything else is null
     resize = conversation(examples)[2]
     assert [c for r, c, t in resize[4::2]] == ["5" if p.name == "party_size" else NULL for p in reserve.parameters]
