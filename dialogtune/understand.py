@@ -74,7 +74,6 @@ class Understander:
         self.rounds = rounds
         self.end_ids = chat.end_token_ids() | set(chat.tokenizer.convert_tokens_to_ids([chat.end_of_turn]))
         self.end_ids.discard(chat.tokenizer.unk_token_id)
-        self.parameters = {f.name: [p.name for p in f.parameters] for f in prompts.index.functions}
         self._tries: dict[tuple[str, ...], dict] = {}
 
     # --- decoding -------------------------------------------------------------------------------
@@ -102,6 +101,9 @@ class Understander:
                 shared += 1
             cache.crop(shared - cache.get_seq_length())  # tokens to remove, as a negative count
         width = ids.shape[1]
+        room = self.chat.reply_room(width)
+        if room <= 0:  # nothing can be written: the prompt fills the context (fit keeps this rare)
+            return NULL if options is None or NULL in options else NONE
         allowed = None
         if options is not None:
             trie = self._trie(options)
@@ -110,6 +112,7 @@ class Understander:
             def allowed(_batch: int, sequence: torch.Tensor) -> list[int]:
                 return list(trie.get(tuple(sequence[width:].tolist()), everything))
         longest = max((len(k) for k in self._trie(options)), default=0) + 1 if options is not None else MAX_VALUE_TOKENS
+        longest = min(longest, room)
         with torch.inference_mode():
             output = model.generate(
                 input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
@@ -122,27 +125,39 @@ class Understander:
         return tokenizer.decode(reply, skip_special_tokens=True).strip()
 
     # --- one turn -------------------------------------------------------------------------------
-    def turn(self, conversation: Conversation, utterance: str) -> TurnResult:
-        """Understand the user's next turn and fold it into the conversation's state."""
+    def turn(self, conversation: Conversation, utterance: str, index=None, forced: str | None = None,
+             required: bool = False) -> TurnResult:
+        """Understand the user's next turn and fold it into the conversation's state. `index`:
+        retrieve the candidates from this one instead (a server's per-request tools). `forced`:
+        stage 1 answers this function (serve's tool_choice naming one); `required`: stage 1 may
+        not answer `none` (tool_choice "required")."""
         started = time.perf_counter()
         history = conversation.turns
         context = list(history[max(0, len(history) - self.rounds):] if self.rounds is not None else history)
-        offered = self.prompts.offered(utterance, conversation.in_progress)
-        offered, context = self.prompts.fit(offered, context, utterance)
-        messages = self.prompts.function_messages(offered, context, utterance)
+        prompts = self.prompts if index is None else self.prompts.over(index)
+        if forced is not None and forced not in prompts.index.by_name:
+            raise ConfigError(f"cannot force {forced!r}: not among the index's functions")
+        offered = prompts.offered(utterance, conversation.in_progress, forced=forced)
+        offered, context = prompts.fit(offered, context, utterance, forced=forced)
+        messages = prompts.function_messages(offered, context, utterance)
         session: dict[str, Any] = {}
         names = [o.name for o in offered]
-        answer = self._answer(messages, session, [*names, NONE])
+        # The prompt stays the one training built (`none` listed) whatever the caller allows. A
+        # forced function is still decoded, as the one option: the cache and messages stage 2
+        # builds on are then exactly those of a turn that chose it.
+        answer = self._answer(messages, session, [forced] if forced is not None else names if required
+                              else [*names, NONE])
         function = answer if answer in names else None
         changes: dict[str, str] = {}
         messages.append({"role": "assistant", "content": answer})
-        for parameter in self.prompts.index.by_name[function].parameters if function else ():
+        for parameter in prompts.index.by_name[function].parameters if function else ():
             messages.append({"role": "user", "content": argument_question(parameter)})
             value = self._answer(messages, session, argument_options(parameter))
             messages.append({"role": "assistant", "content": value})
             if value and value != NULL:
                 changes[parameter.name] = value
-        call = conversation.state.update(function, changes, self.parameters)
+        call = conversation.state.update(function, changes, {f.name: [p.name for p in f.parameters]
+                                                             for f in prompts.index.functions})
         conversation.turns.append(("USER", utterance))
         conversation.in_progress = function or conversation.in_progress
         return TurnResult(call, function, changes, names, time.perf_counter() - started)

@@ -108,3 +108,35 @@ def tiny_bart_run(tmp_path_factory, tiny_bart_dir):
 def tiny_embedder_dir(tmp_path_factory):
     """A tiny random sentence-transformers model without a Normalize module."""
     return tiny_sentence_embedder(tmp_path_factory.mktemp("tiny-embedder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_understand_run(tmp_path_factory, byte_tokenizer, tiny_embedder_dir):
+    """A directory holding a tiny understand run (`run/`) trained on the retrieval fixture's SGD
+    dialogues, with its index (`index/`, the tiny embedder) and prepared data (`prepared/`)."""
+    from helpers import FIXTURES
+
+    from dialogtune.config import TrainJobConfig, build_config
+    from dialogtune.retrieval.exemplars import extract_sgd_exemplars
+    from dialogtune.retrieval.index import build_index, save_index
+    from dialogtune.retrieval.schemas import read_functions
+    from dialogtune.train.run import train
+
+    sgd = FIXTURES / "retrieval" / "sgd"
+    directory = tmp_path_factory.mktemp("tiny-understand")
+    # 1024 positions: five candidates and their arguments' questions, at a byte-level vocabulary's rate
+    model_dir = save_with_chatml(directory / "model", tiny_llama(byte_tokenizer, positions=1024), byte_tokenizer)
+    index = build_index(read_functions(sgd), extract_sgd_exemplars(sgd)[0], embedder=str(tiny_embedder_dir))
+    save_index(index, directory / "index")
+    config = build_config({
+        "data": {"path": str(sgd), "format": "sgd"},
+        "task": {"name": "understand", "index": str(directory / "index"), "candidates": 5, "exemplars": 0,
+                 "context": {"rounds": 1}},
+        "split": {"validation": 0.0}, "model": {"name": str(model_dir)}, "template": {"name": "chatml"},
+        "max_length": 1024, "output": str(directory / "prepared"), "method": "full",
+        "train": {"max_steps": 80, "learning_rate": 0.01, "per_device_train_batch_size": 3, "logging_steps": 1,
+                  "warmup_steps": 0, "lr_scheduler_type": "constant", "report_to": []},
+        "eval": {"every": None}, "run_dir": str(directory / "run"), "samples": 0,
+    }, schema=TrainJobConfig)
+    train(config, quiet=True)
+    return directory

@@ -32,7 +32,7 @@ def save_with_chatml(directory: Path, model, tokenizer) -> Path:
     return directory
 
 
-def tiny_llama(tokenizer, layers: int = 2):
+def tiny_llama(tokenizer, layers: int = 2, positions: int = 512):
     """A tiny random Llama-style causal LM (seeded) for `tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -40,7 +40,7 @@ def tiny_llama(tokenizer, layers: int = 2):
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 

@@ -149,15 +149,26 @@ class RetrievalIndex:
                 owners[name] = [(row, score)]
         return list(owners.items())
 
-    def search(self, utterance: str, top_k: int = 8, max_exemplars: int = 8, exclude_group: str | None = None) -> Hits:
+    def embed_queries(self, utterances: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each utterance's query vectors (for descriptions, for exemplars), embedded in batches:
+        many queries at once cost far less than one at a time."""
+        if not utterances:
+            return []
+        for_descriptions = embed(self.model, utterances, prefix=self.query_instruction)
+        # exemplars are searched symmetrically: utterance against template, no instruction
+        for_exemplars = embed(self.model, utterances) if self.query_instruction else for_descriptions
+        return list(zip(for_descriptions, for_exemplars, strict=True))
+
+    def search(self, utterance: str, top_k: int = 8, max_exemplars: int = 8, exclude_group: str | None = None,
+               vectors: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
         """`exclude_group`: leave out the exemplars of this dialogue (or file). Building training
-        prompts from the dialogues the index was built from, each turn would otherwise find itself."""
-        query = embed(self.model, [utterance], prefix=self.query_instruction)[0]
+        prompts from the dialogues the index was built from, each turn would otherwise find itself.
+        `vectors`: the utterance's query vectors from `embed_queries`, when embedded already."""
+        query, exemplar_query = vectors if vectors is not None else self.embed_queries([utterance])[0]
         hits = Hits([(self.functions[row].name, score) for row, score in _top(self.description_vectors @ query, top_k)])
         if not self.exemplars:
             return hits
-        if self.query_instruction:  # exemplars are searched symmetrically: utterance against template
-            query = embed(self.model, [utterance])[0]
+        query = exemplar_query
         dense_scores = self.exemplar_vectors @ query
         tokens = _keyword_tokens([utterance], return_ids=False)[0]
         keyword_scores = self.keywords.get_scores(tokens) if tokens else np.zeros(len(self.exemplars))
@@ -187,8 +198,9 @@ class RetrievalIndex:
                 for name, score in fuse(lists, fusion)]
 
     def retrieve(self, utterance: str, top_k: int = 8, fusion: str = "rrf", max_exemplars: int = 8,
-                 exclude_group: str | None = None) -> list[Candidate]:
-        return self.candidates(self.search(utterance, top_k, max_exemplars, exclude_group), fusion)
+                 exclude_group: str | None = None, vectors: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> list[Candidate]:
+        return self.candidates(self.search(utterance, top_k, max_exemplars, exclude_group, vectors), fusion)
 
 
 def indexable_exemplars(exemplars: Sequence[Exemplar], functions: Sequence[Function]) -> list[Exemplar]:

@@ -43,6 +43,7 @@ NO_PREFERENCE = "dontcare"  # SGD: the user accepts any value (allowed for every
 INSTRUCTION = ("Decide which function the user's last turn calls, then give the value the turn "
                "sets for each of its arguments.")
 MESSAGE_OVERHEAD = 8  # tokens a chat template adds around one message (role header, end marker)
+ANSWER_ROOM = 4  # tokens kept per argument answer when the answers are not known yet (most are `null`)
 SPEAKERS = {"USER": "User", "SYSTEM": "System"}
 
 
@@ -111,13 +112,25 @@ class UnderstandPrompts:
         self.fusion = fusion
         self.stats = PromptStats()
 
-    def offered(self, utterance: str, in_progress: str | None, exclude_group: str | None = None) -> list[Offered]:
-        """The candidates, best first, the function in progress always among them."""
+    def over(self, index) -> UnderstandPrompts:
+        """The same settings over another index."""
+        return UnderstandPrompts(index, self.candidates, self.exemplars, self.measure, self.max_tokens, self.fusion)
+
+    def offered(self, utterance: str, in_progress: str | None, exclude_group: str | None = None,
+                vectors=None, forced: str | None = None) -> list[Offered]:
+        """The candidates, best first, the function in progress always among them. `vectors`: the
+        utterance's query vectors, when embedded already (RetrievalIndex.embed_queries).
+        `forced`: a function the caller makes stage 1 answer (serve's tool_choice), offered too."""
         found = self.index.retrieve(utterance, top_k=self.candidates, fusion=self.fusion,
-                                    max_exemplars=max(self.exemplars, 1), exclude_group=exclude_group)
+                                    max_exemplars=max(self.exemplars, 1), exclude_group=exclude_group, vectors=vectors)
         names = [c.function.name for c in found][:self.candidates]
-        if in_progress is not None and in_progress in self.index.by_name and in_progress not in names:
-            names = names[:self.candidates - 1] + [in_progress]
+        pinned = [name for name in (in_progress, forced) if name is not None and name in self.index.by_name]
+        for name in pinned:  # each missing one takes the place of the last candidate not pinned
+            if name not in names:
+                others = [i for i, n in enumerate(names) if n not in pinned]
+                if len(names) >= self.candidates and others:
+                    del names[others[-1]]
+                names.append(name)
         by_name = {c.function.name: c for c in found}
         offered = []
         for name in names:
@@ -132,18 +145,22 @@ class UnderstandPrompts:
         return sum(self.measure(part) + MESSAGE_OVERHEAD for part in parts)
 
     def fit(self, offered: list[Offered], context: list[tuple[str, str]], utterance: str,
-            tail: Sequence[str] = ()) -> tuple[list[Offered], list[tuple[str, str]]]:
-        """Drop what the budget cannot hold (see the module doc); `tail`: the texts that follow
-        the stage-1 prompt in the same sequence (answers and argument questions)."""
+            tail: Sequence[str] | None = None, forced: str | None = None) -> tuple[list[Offered], list[tuple[str, str]]]:
+        """Drop what the budget cannot hold (see the module doc). `tail`: the texts that follow the
+        stage-1 prompt in the same sequence (answers and argument questions); None at inference,
+        where they are not known yet: room is kept for the longest any offered function needs.
+        `forced`: a function stage 1 must answer (see `offered`); it never gives way either."""
         if self.measure is None or self.max_tokens is None:
             return offered, context
 
         def size() -> int:
-            return self._size([system_prompt(offered), conversation_prompt(context, utterance), *tail])
+            rest = tail if tail is not None else max((self.expected_tail(o.name) for o in offered),
+                                                     key=self._size, default=[])
+            return self._size([system_prompt(offered), conversation_prompt(context, utterance), *rest])
 
         while size() > self.max_tokens:
             with_templates = [i for i, o in enumerate(offered) if o.templates]
-            droppable = [i for i, o in enumerate(offered) if not o.in_progress]
+            droppable = [i for i, o in enumerate(offered) if not o.in_progress and o.name != forced]
             if with_templates:
                 i = with_templates[-1]
                 offered[i] = Offered(offered[i].name, offered[i].description, offered[i].templates[:-1],
@@ -159,6 +176,13 @@ class UnderstandPrompts:
                 break  # only the turn and one function left: the encoder reports what is still too long
         return offered, context
 
+    def expected_tail(self, name: str) -> list[str]:
+        """What stage 2 of `name` will add: its name, each question, and an answer of
+        ANSWER_ROOM words-worth of tokens each (the decoder stops earlier or at the context's end)."""
+        function = self.index.by_name[name]
+        room = " ".join(["value"] * ANSWER_ROOM)
+        return [name, *(text for p in function.parameters for text in (argument_question(p), room))]
+
     def function_messages(self, offered: Sequence[Offered], context: Sequence[tuple[str, str]],
                           utterance: str) -> list[dict[str, Any]]:
         return [message("system", system_prompt(offered)), message("user", conversation_prompt(context, utterance))]
@@ -173,13 +197,14 @@ def understand(dialogue: Dialogue, prompts: UnderstandPrompts, rounds: int | Non
                       stage="task", item=dialogue.id)
     examples = []
     in_progress: str | None = None
-    for turn in turns:
+    vectors = prompts.index.embed_queries([dialogue.turns[t.index].text for t in turns])  # one batch per dialogue
+    for turn, query in zip(turns, vectors, strict=True):
         prompts.stats.turns += 1
         prompts.stats.second_calls += len(turn.also)
         utterance = dialogue.turns[turn.index].text
         context = [(t.speaker or "", t.text) for t in dialogue.turns[max(0, turn.index - rounds)
                                                                         if rounds is not None else 0: turn.index]]
-        offered = prompts.offered(utterance, in_progress, exclude_group=dialogue.id)
+        offered = prompts.offered(utterance, in_progress, exclude_group=dialogue.id, vectors=query)
         target = turn.function
         if target is not None and target not in {o.name for o in offered}:
             prompts.stats.gold_not_retrieved += 1
