@@ -6,7 +6,7 @@
     dialogtune export RUN_DIR --merge [-o DIR]
     dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N]
     dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
-    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY]
+    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY] [--index DIR]
     dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
     dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
     dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
@@ -159,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dialogtune.serve import run_serve
 
     return run_serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_id=args.model_id,
-                     queue_size=args.queue, timeout=args.timeout)
+                     queue_size=args.queue, timeout=args.timeout, index=args.index)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -249,10 +249,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     started = time.perf_counter()
-    index = build_index(functions, exemplars, embedder=args.embedder, query_instruction=args.query_instruction)
+    index = build_index(functions, exemplars, embedder=args.embedder, query_instruction=args.query_instruction,
+                        vector_index_from=args.vector_index_from)
     save_index(index, Path(args.output))
+    search = "a usearch vector index" if index.vectors is not None else "exact dense search"
     print(f"indexed {len(index.functions)} functions and {len(index.exemplars)} exemplar templates with "
-          f"{index.embedder} in {time.perf_counter() - started:.1f}s -> {args.output}")
+          f"{index.embedder} ({search}) in {time.perf_counter() - started:.1f}s -> {args.output}")
     return 0
 
 
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-id", help="the model name clients use (default: the run directory's name)")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
+    p.add_argument("--index", help="an understand run's retrieval index (default: the one it was trained with)")
     p = sub.add_parser("eval", help="evaluate by generation: BLEU/ROUGE/distinct/perplexity, report.json and .md")
     p.add_argument("model", nargs="?", help="a run directory or a model name/path")
     p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")
@@ -372,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a sentence-transformers model name or directory (default: the embedded minilm-l6-v2)")
     p.add_argument("--query-instruction", default="",
                    help="a prefix for queries against descriptions, for models trained with one (default none)")
+    p.add_argument("--vector-index-from", type=int, default=50_000, metavar="N",
+                   help="from N templates, dense search goes through a usearch HNSW index (default 50000)")
     p.add_argument("-o", "--output", required=True, help="the index directory to write")
     p = sub.add_parser("retrieve", help="the candidate functions for an utterance, from an index")
     p.add_argument("index", help="a directory written by `dialogtune index`")

@@ -116,6 +116,27 @@ def test_save_and_reload_give_identical_results(index, tmp_path, tiny_embedder_d
     save_index(reloaded, tmp_path / "index")  # an index directory may be replaced
 
 
+def test_the_vector_index_path_finds_what_exact_search_finds_and_reloads(corpus, index, tmp_path, tiny_embedder_dir,
+                                                                        tiny_embedder):
+    functions, exemplars = corpus
+    approximate = build_index(functions, exemplars, embedder=str(tiny_embedder_dir), model=tiny_embedder,
+                              vector_index_from=1)
+    assert approximate.vectors is not None and index.vectors is None
+    assert len(approximate.vectors) == len(approximate.exemplars) == 8
+    excluded = approximate.exemplars[0].source[0]
+    for query in QUERIES:  # 8 templates: the HNSW search reads them all, so it must agree exactly
+        assert approximate.retrieve(query, top_k=2, max_exemplars=1) == index.retrieve(query, top_k=2, max_exemplars=1)
+        assert approximate.retrieve(query, exclude_group=excluded) == index.retrieve(query, exclude_group=excluded)
+    save_index(approximate, tmp_path / "ann")
+    assert json.loads((tmp_path / "ann" / "manifest.json").read_text())["dense_search"] == "usearch"
+    reloaded = load_index(tmp_path / "ann", model=tiny_embedder)
+    assert reloaded.vectors is not None
+    assert [reloaded.retrieve(q) for q in QUERIES] == [index.retrieve(q) for q in QUERIES]
+    (tmp_path / "ann" / "exemplars.usearch").unlink()
+    with pytest.raises(DataError, match="exemplars.usearch is missing"):
+        load_index(tmp_path / "ann", model=tiny_embedder)
+
+
 def test_another_embedder_is_refused(index, tmp_path):
     save_index(index, tmp_path / "index")
     with pytest.raises(ModelError, match="built with the embedder .*tiny-embedder.*not 'minilm-l6-v2'"):

@@ -18,8 +18,10 @@ functions among their owners, each with its best `max_exemplars` templates, so a
 many near-identical templates cannot crowd the others out. The three function lists are merged by
 `fusion.fuse` (reciprocal-rank fusion by default).
 
-Search is exact (a matrix product over unit vectors): over SGD's 7k templates it is a few
-milliseconds a query. A vector index (FAISS, usearch) would only pay beyond some 10^5-10^6 rows.
+Search is exact (a matrix product over unit vectors) up to VECTOR_INDEX_FROM templates: over
+SGD's 7k it is a few milliseconds a query. From there on the templates also go into a usearch HNSW
+index (inner product over the same unit vectors), which reads the nearest `VECTOR_CANDIDATES`
+times what a search needs, and only those rows are scored: approximate, but flat in the corpus size.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from dialogtune.retrieval.exemplars import PLACEHOLDER, Exemplar
 from dialogtune.retrieval.fusion import fuse, union
 from dialogtune.retrieval.schemas import Function, read_functions, tools_json, write_tools_json
 
+VECTOR_INDEX_FROM = 50_000  # templates from which dense search goes through a vector index
+VECTOR_CANDIDATES = 4  # a vector-index search reads this many times the rows a search needs
 INDEX_KIND = "dialogtune-retrieval-index"
 FORMAT_VERSION = 1
 KEYWORDS = {"stopwords": "en", "stemmer": "english"}
@@ -120,7 +124,8 @@ def _exemplar_from_record(record: dict) -> Exemplar:
 
 class RetrievalIndex:
     def __init__(self, functions: Sequence[Function], exemplars: Sequence[Exemplar], model, embedder: str,
-                 description_vectors: np.ndarray, exemplar_vectors: np.ndarray, keywords, query_instruction: str = ""):
+                 description_vectors: np.ndarray, exemplar_vectors: np.ndarray, keywords, query_instruction: str = "",
+                 vectors=None):
         self.functions = list(functions)
         self.exemplars = list(exemplars)
         self.model = model
@@ -129,6 +134,7 @@ class RetrievalIndex:
         self.exemplar_vectors = exemplar_vectors
         self.keywords = keywords  # a bm25s.BM25 over the templates, or None without exemplars
         self.query_instruction = query_instruction
+        self.vectors = vectors  # a usearch Index over exemplar_vectors (row = key), or None: exact search
         self.by_name = {function.name: function for function in self.functions}
         # each exemplar's dialogue (or file): a training query must not find its own turn
         self._exemplar_groups = np.array([str(e.source[0]) for e in self.exemplars], dtype=object)
@@ -149,6 +155,18 @@ class RetrievalIndex:
                 owners[name] = [(row, score)]
         return list(owners.items())
 
+    def _dense_scores(self, query: np.ndarray, needed: int, exclude_group: str | None) -> np.ndarray:
+        """Every template's score against the query: exact, or through the vector index, where
+        the rows it did not return score -inf."""
+        if self.vectors is None:
+            return self.exemplar_vectors @ query
+        excluded = int(np.count_nonzero(self._exemplar_groups == exclude_group)) if exclude_group is not None else 0
+        found = self.vectors.search(query, min(len(self.exemplars), needed * VECTOR_CANDIDATES + excluded))
+        scores = np.full(len(self.exemplars), -np.inf, dtype=np.float32)
+        rows = np.asarray(found.keys, dtype=np.int64)
+        scores[rows] = self.exemplar_vectors[rows] @ query  # exact scores of the rows found
+        return scores
+
     def embed_queries(self, utterances: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each utterance's query vectors (for descriptions, for exemplars), embedded in batches:
         many queries at once cost far less than one at a time."""
@@ -168,8 +186,7 @@ class RetrievalIndex:
         hits = Hits([(self.functions[row].name, score) for row, score in _top(self.description_vectors @ query, top_k)])
         if not self.exemplars:
             return hits
-        query = exemplar_query
-        dense_scores = self.exemplar_vectors @ query
+        dense_scores = self._dense_scores(exemplar_query, top_k * max_exemplars, exclude_group)
         tokens = _keyword_tokens([utterance], return_ids=False)[0]
         keyword_scores = self.keywords.get_scores(tokens) if tokens else np.zeros(len(self.exemplars))
         keyword_scores = np.where(keyword_scores > 0, keyword_scores, -np.inf)  # no shared word: no hit
@@ -214,10 +231,20 @@ def indexable_exemplars(exemplars: Sequence[Exemplar], functions: Sequence[Funct
     return kept
 
 
+def vector_index(vectors: np.ndarray):
+    """A usearch HNSW index over unit vectors (inner product), keyed by row."""
+    from usearch.index import Index
+
+    index = Index(ndim=vectors.shape[1], metric="ip", dtype="f32")
+    index.add(np.arange(len(vectors)), vectors)
+    return index
+
+
 def build_index(functions: Sequence[Function], exemplars: Sequence[Exemplar] = (), embedder: str = DEFAULT_EMBEDDER,
-                query_instruction: str = "", model=None) -> RetrievalIndex:
-    """Embed descriptions and templates and build the keyword index. Exemplars without a template
-    or owner (negatives) are left out. `model`: an already loaded embedder named `embedder`."""
+                query_instruction: str = "", model=None, vector_index_from: int = VECTOR_INDEX_FROM) -> RetrievalIndex:
+    """Embed descriptions and templates and build the keyword index (and, from `vector_index_from`
+    templates, the vector index). Exemplars without a template or owner (negatives) are left out.
+    `model`: an already loaded embedder named `embedder`."""
     if not functions:
         raise DataError("no functions to index: give at least one schema")
     exemplars = indexable_exemplars(exemplars, functions)
@@ -230,8 +257,10 @@ def build_index(functions: Sequence[Function], exemplars: Sequence[Exemplar] = (
 
         keywords = bm25s.BM25()
         keywords.index(_keyword_tokens(templates, return_ids=True), show_progress=False)
-    return RetrievalIndex(functions, exemplars, model, _embedder_id(embedder), descriptions, embed(model, templates),
-                          keywords, query_instruction)
+    template_vectors = embed(model, templates)
+    vectors = vector_index(template_vectors) if exemplars and len(exemplars) >= vector_index_from else None
+    return RetrievalIndex(functions, exemplars, model, _embedder_id(embedder), descriptions, template_vectors,
+                          keywords, query_instruction, vectors)
 
 
 def _embedder_id(name: str) -> str:
@@ -267,11 +296,14 @@ def save_index(index: RetrievalIndex, directory: Path) -> Path:
         np.save(staging / "exemplars.npy", index.exemplar_vectors)
         if index.keywords is not None:
             index.keywords.save(str(staging / "keywords"))
+        if index.vectors is not None:
+            index.vectors.save(str(staging / "exemplars.usearch"))
         write_json(staging / "manifest.json", {
             "kind": INDEX_KIND, "format": FORMAT_VERSION, "dialogtune_version": dialogtune.__version__,
             "embedder": index.embedder, "dimension": index.dimension, "normalisation": NORMALISATION,
             "query_instruction": index.query_instruction, "keywords": KEYWORDS,
             "functions": len(index.functions), "exemplars": len(index.exemplars),
+            "dense_search": "usearch" if index.vectors is not None else "exact",
             "fingerprint": corpus_fingerprint(index.functions, index.exemplars, index.embedder, index.query_instruction),
         })
     return directory
@@ -308,5 +340,13 @@ def load_index(directory: Path, embedder: str | None = None, model=None) -> Retr
         import bm25s
 
         keywords = bm25s.BM25.load(str(directory / "keywords"))
+    vectors = None
+    if manifest.get("dense_search") == "usearch":
+        from usearch.index import Index
+
+        vectors = Index.restore(str(directory / "exemplars.usearch"))
+        if vectors is None or len(vectors) != len(exemplars):
+            raise DataError(f"{directory}: exemplars.usearch is missing or does not hold the {len(exemplars)} "
+                            "templates; build the index again")
     return RetrievalIndex(functions, exemplars, model, manifest["embedder"], np.load(directory / "descriptions.npy"),
-                          np.load(directory / "exemplars.npy"), keywords, manifest["query_instruction"])
+                          np.load(directory / "exemplars.npy"), keywords, manifest["query_instruction"], vectors)
