@@ -121,3 +121,28 @@ def test_data_without_sgd_frames_is_rejected_with_a_reason(index):
 
     result = understand(Dialogue("d1", [Turn("Bob", "hi")], source="x.txt"), UnderstandPrompts(index))
     assert isinstance(result, Reject) and "SGD frames" in result.reason
+
+
+@pytest.mark.slow
+def test_with_smollm2_each_trained_answer_is_its_standalone_tokens_then_the_end_of_turn(index):
+    """What constrained decoding relies on: an answer's trained tokens are the answer tokenized
+    alone (as `understand.option_trie` tokenizes the options), then the end-of-turn token."""
+    from dialogtune.models import load_tokenizer
+    from dialogtune.templates import resolve_template
+    from dialogtune.tokenize import ExampleEncoder, trained_runs
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    encoder = ExampleEncoder(tokenizer, resolve_template("model", tokenizer, None), 4096)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    checked = 0
+    for dialogue in dialogues().values():
+        for example in understand(dialogue, UnderstandPrompts(index, candidates=5, exemplars=1), rounds=2):
+            tokenized = encoder.encode_many([example])[0]
+            answers = [m["content"] for m in example.messages if m["train"]]
+            runs = trained_runs(tokenized.labels)
+            assert len(runs) == len(answers)
+            for (start, stop), answer in zip(runs, answers, strict=True):
+                assert tokenized.labels[start:stop].tolist() == \
+                    [*tokenizer(answer, add_special_tokens=False).input_ids, end]
+                checked += 1
+    assert checked > 20
