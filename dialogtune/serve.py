@@ -1,6 +1,7 @@
 """`dialogtune serve RUN_DIR`: an OpenAI-compatible chat server, and a chat page at `/`.
 
     dialogtune serve runs/sgd_respond --port 8000 [--api-key SECRET]
+    dialogtune serve runs/sgd_understand --port 8000   # an understand run answers with tool calls
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
@@ -10,7 +11,9 @@ Endpoints: POST /v1/chat/completions (with `stream: true` as server-sent events,
 pings; a client that disconnects stops its generation), GET /v1/models, GET /health, GET / (the
 chat page). A message's `content` is a string or a list of text parts. Prompts are rendered
 with the run's training template. One reply is generated at a time; up to `--queue` requests
-wait, more get a 503. Binds to 127.0.0.1 unless told otherwise.
+wait, more get a 503. Binds to 127.0.0.1 unless told otherwise. A run trained on the understand
+task is served as a function-calling model: requests carry OpenAI `tools` and `tool_choice` and
+are answered with `tool_calls` (dialogtune.serve_tools).
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ from sse_starlette import EventSourceResponse
 from dialogtune.errors import ConfigError
 from dialogtune.infer import ChatModel, Conversation, Sampling
 from dialogtune.readers.messages import OPENAI_ROLES, content_text
+from dialogtune.serve_tools import (
+    Cancelled,
+    ToolCaller,
+    ToolCompletionRequest,
+    ToolRequestError,
+    message_of,
+    stream_deltas,
+)
+from dialogtune.understand import Understander
 
 
 class Message(BaseModel):
@@ -115,10 +127,14 @@ DEFAULT_MAX_TOKENS = 256
 PING_SECONDS = 15  # a comment line now and then keeps proxies from closing a stream that waits in the queue
 
 
+def check_model(asked: str | None, model_id: str) -> None:
+    if asked not in (None, model_id):
+        raise ApiError(400, f"unknown model {asked!r}; this server has {model_id!r}", param="model")
+
+
 def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) -> int:
     """Refuse what cannot be answered; returns the number of tokens the reply may have."""
-    if request.model not in (None, model_id):
-        raise ApiError(400, f"unknown model {request.model!r}; this server has {model_id!r}", param="model")
+    check_model(request.model, model_id)
     if request.messages[-1].role == "assistant":
         raise ApiError(400, "the last message must be from the user (or system)", param="messages")
     asked = request.max_completion_tokens or request.max_tokens
@@ -138,9 +154,22 @@ def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) ->
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
-def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue_size: int = 8,
+def validated(kind: type[BaseModel], data: Any) -> Any:
+    try:
+        return kind.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        said = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        raise ApiError(400, f"{where}: {said}", param=where) from None
+
+
+def create_app(model: ChatModel | Understander, model_id: str, api_key: str | None = None, queue_size: int = 8,
                timeout: float = 120.0):
+    """`model`: a chat model, or an understand run answering with tool calls."""
     app = FastAPI(title="dialogtune", docs_url=None, redoc_url=None)
+    caller = ToolCaller(model) if isinstance(model, Understander) else None
+    chat = model.chat if isinstance(model, Understander) else model
     generator = Generator(chat, queue_size, timeout)
     page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
 
@@ -178,14 +207,12 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
     async def completions(request: Request):
         authorize(request)
         try:
-            body = CompletionRequest.model_validate(await request.json())
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            said = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
-            raise ApiError(400, f"{where}: {said}", param=where) from None
+            data = await request.json()
         except ValueError as err:
             raise ApiError(400, f"the body is not valid JSON: {err}") from None
+        if caller is not None:
+            return await tool_completion(validated(ToolCompletionRequest, data))
+        body = validated(CompletionRequest, data)
         max_tokens = check_request(chat, model_id, body)
         generator.admit()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -244,18 +271,81 @@ def create_app(chat: ChatModel, model_id: str, api_key: str | None = None, queue
 
         return EventSourceResponse(events(), ping=PING_SECONDS)
 
+    async def tool_completion(body: ToolCompletionRequest):
+        check_model(body.model, model_id)
+        try:
+            plan = caller.plan(body)
+        except ToolRequestError as err:
+            raise ApiError(400, str(err), param=err.param) from None
+        generator.admit()
+        completion_id, call_id = f"chatcmpl-{uuid.uuid4().hex[:24]}", f"call_{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        client_gone = threading.Event()
+
+        def work():
+            try:
+                return caller.answer(plan, client_gone, timeout)
+            finally:
+                generator.release()
+
+        # shielded: a request cancelled while it waits must still run `work`, which releases its place
+        answered = asyncio.shield(asyncio.get_running_loop().run_in_executor(generator.executor, work))
+        if not body.stream:
+            try:
+                answer = await answered
+            except TimeoutError as err:
+                raise ApiError(504, str(err), "timeout") from None
+            message, finish = message_of(answer, call_id)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                              "total_tokens": answer.prompt_tokens + answer.completion_tokens}}
+
+        async def events():
+            try:
+                try:
+                    answer = await answered
+                except Cancelled:
+                    return
+                except Exception as err:  # noqa: BLE001  reported in the stream, never raised into the server
+                    kind = "timeout" if isinstance(err, TimeoutError) else "server_error"
+                    yield json.dumps(ApiError(504 if kind == "timeout" else 500, str(err), kind).body())
+                else:
+                    for delta, finish in stream_deltas(answer, call_id):
+                        yield json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_id,
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                yield "[DONE]"
+            finally:  # also when sse-starlette cancels this on a disconnect: the answer is no longer wanted
+                client_gone.set()
+
+        return EventSourceResponse(events(), ping=PING_SECONDS)
+
     return app
 
 
+def is_understand_run(model: str) -> bool:
+    from dialogtune.records import RunInfo, find_run_info
+
+    final = find_run_info(Path(model)) if Path(model).exists() else None
+    return final is not None and RunInfo.load(final).understand is not None
+
+
 def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0) -> int:
+              model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0, index: str | None = None) -> int:
+    """`index`: an understand run's retrieval index (default: the one it was trained with)."""
     import uvicorn
 
     from dialogtune.infer import load_chat_model
+    from dialogtune.understand import load_understander
 
-    chat = load_chat_model(model)
+    understands = is_understand_run(model)
+    if index is not None and not understands:
+        raise ConfigError(f"--index is for understand runs; {model} is not one")
+    loaded = load_understander(model, index) if understands else load_chat_model(model)
     model_id = model_id or Path(model.rstrip("/")).name
-    app = create_app(chat, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout)
-    print(f"serving {model} as {model_id!r} on http://{host}:{port}  (chat page at /, OpenAI API at /v1)", flush=True)
+    app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout)
+    what = "function calling: tools in, tool_calls out" if understands else "chat page at /"
+    print(f"serving {model} as {model_id!r} on http://{host}:{port}  ({what}, OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from helpers import FIXTURES, SHARED_DATA
@@ -14,6 +15,7 @@ from dialogtune.retrieval.schemas import (
     FUNCTION_NAME,
     Function,
     Parameter,
+    functions_from_tools,
     load_functions,
     read_functions,
     tools_json,
@@ -81,6 +83,20 @@ def test_generic_tools_keep_types_and_have_no_service(tmp_path):
                                                          Parameter("digits", "", "integer", (2, 4))))
     assert (get_time.service, get_time.intent) == (None, "get_time")
     assert ping == Function("ping", "")
+
+
+def test_tools_generated_from_pydantic_models_are_read():
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        """Get the weather."""
+        city: str
+        days: int = 1
+
+    tool = openai.pydantic_function_tool(GetWeather)  # titles, strict, additionalProperties: false
+    assert functions_from_tools([tool], Path("tools.json")) == [Function("GetWeather", "Get the weather.", (
+        Parameter("city", "", "string", None, True), Parameter("days", "", "integer", None, True, 1)))]
 
 
 @pytest.mark.parametrize(("function", "message"), [

@@ -4,6 +4,7 @@ chat page in headless Chromium."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
 import socket
 import threading
@@ -196,3 +197,310 @@ def test_the_room_for_a_reply_counts_the_runs_own_system_prompt(tiny_run):
     with pytest.raises(ApiError, match=r"the prompt has \d+ tokens; with max_tokens=8 it exceeds the model's"
                                        r" context of 512"):
         check_request(chat, "tiny", request)
+
+
+# --- function calling: an understand run answers `tools` requests with `tool_calls` ------------
+
+BOOK = [{"role": "user", "content": "Book a table for two at Sushi Ran in San Francisco at 7 pm."}]
+WEATHER = "Weather_1__GetWeather"
+
+
+@pytest.fixture(scope="module")
+def understander(tiny_understand_run):
+    from dialogtune.understand import load_understander
+
+    return load_understander(str(tiny_understand_run / "run"))
+
+
+@pytest.fixture(scope="module")
+def tool_server(understander):
+    url, handle, thread = start_server(create_app(understander, "tiny-understand", queue_size=1, timeout=60))
+    yield url
+    handle.should_exit = True
+    thread.join(timeout=10)
+
+
+def sgd_tools(understander, *names: str) -> list[dict]:
+    """The run's own functions as OpenAI tools (all, or those named)."""
+    from dialogtune.retrieval.schemas import tools_json
+
+    return tools_json([f for f in understander.prompts.index.functions if not names or f.name in names])
+
+
+def ask(url: str, messages: list[dict], **options):
+    return client(url).chat.completions.create(model="tiny-understand", messages=messages, **options)
+
+
+def test_a_required_tool_call_is_parsed_by_the_openai_client(tool_server, understander):
+    tools = sgd_tools(understander)
+    reply = ask(tool_server, BOOK, tools=tools, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and len(choice.message.tool_calls) == 1
+    assert call.function.name in {t["function"]["name"] for t in tools}
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) <= {p.name for p in understander.prompts.index.by_name[call.function.name].parameters}
+    assert all(isinstance(value, str) for value in arguments.values())  # SGD's parameters are strings
+    usage = reply.usage
+    assert usage.prompt_tokens > 10 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("choice", ["required", "auto", {"type": "function", "function": {"name": WEATHER}}])
+def test_a_streamed_answer_reassembles_to_the_plain_one(tool_server, understander, choice):
+    request = {"model": "tiny-understand", "messages": BOOK, "tools": sgd_tools(understander), "tool_choice": choice}
+    plain = client(tool_server).chat.completions.create(**request).choices[0]
+    with client(tool_server).chat.completions.stream(**request) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == plain.finish_reason
+    first = chunks[0].choices[0].delta
+    assert first.role == "assistant" and chunks[-1].choices[0].finish_reason == plain.finish_reason
+    if plain.message.tool_calls:
+        assert plain.finish_reason == "tool_calls"
+        call, again = plain.message.tool_calls[0].function, streamed.message.tool_calls[0].function
+        assert (again.name, json.loads(again.arguments)) == (call.name, json.loads(call.arguments))
+        assert again.arguments == call.arguments
+        assert first.tool_calls[0].id.startswith("call_") and first.tool_calls[0].function.name == call.name
+    else:  # `auto` may answer none: a message without a call
+        assert plain.finish_reason == "stop" and not streamed.message.tool_calls
+        assert streamed.message.content == plain.message.content == ""
+    raw = httpx.post(f"{tool_server}/v1/chat/completions", json={**request, "stream": True}, timeout=60)
+    assert raw.status_code == 200 and raw.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("name", ["Restaurants_1__ReserveRestaurant", WEATHER, "Music_1__PlaySong"])
+def test_tool_choice_naming_a_function_calls_it(tool_server, understander, name):
+    choice = ask(tool_server, BOOK, tools=sgd_tools(understander),
+                 tool_choice={"type": "function", "function": {"name": name}}).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == name
+    assert set(json.loads(choice.message.tool_calls[0].function.arguments)) <= {
+        p.name for p in understander.prompts.index.by_name[name].parameters}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_none_never_calls(tool_server, understander, stream):
+    request = {"model": "tiny-understand", "messages": BOOK, "tools": sgd_tools(understander), "tool_choice": "none"}
+    if stream:
+        with client(tool_server).chat.completions.stream(**request) as events:
+            choice = events.get_final_completion().choices[0]
+    else:
+        choice = client(tool_server).chat.completions.create(**request).choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls and choice.message.content == ""
+
+
+def test_a_single_tool_offered_is_the_only_one_ever_called(tool_server, understander):
+    tools = sgd_tools(understander, WEATHER)
+    for text in ["Book a table for two at Sushi Ran.", "Play Shape of You.", "Will it rain in Paris tomorrow?",
+                 "I need a cab to the airport for three people."]:
+        messages = [{"role": "user", "content": text}]
+        auto = ask(tool_server, messages, tools=tools).choices[0].message.tool_calls
+        assert auto is None or [c.function.name for c in auto] == [WEATHER]
+        required = ask(tool_server, messages, tools=tools, tool_choice="required").choices[0].message.tool_calls
+        assert [c.function.name for c in required] == [WEATHER]
+
+
+def test_without_tools_the_runs_own_functions_are_offered(tool_server, understander):
+    call = ask(tool_server, BOOK, tool_choice="required").choices[0].message.tool_calls[0]
+    assert call.function.name in understander.prompts.index.by_name
+
+
+def test_a_tool_the_run_never_saw_is_offered_by_its_description(tool_server, understander):
+    stock = {"type": "function", "function": {
+        "name": "get_stock_price", "description": "Get the current price of a company's stock.",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["ticker"], "properties": {
+            "ticker": {"type": "string", "description": "The stock's ticker symbol"},
+            "exchange": {"type": "string", "enum": ["NYSE", "NASDAQ"], "description": "Where it trades"}}}}}
+    tools = [*sgd_tools(understander, WEATHER), stock]
+    messages = [{"role": "user", "content": "How much is an Apple share on NASDAQ right now?"}]
+    required = ask(tool_server, messages, tools=tools, tool_choice="required").choices[0].message.tool_calls[0]
+    assert required.function.name in (WEATHER, "get_stock_price")
+    forced = ask(tool_server, messages, tools=tools,
+                 tool_choice={"type": "function", "function": {"name": "get_stock_price"}}).choices[0]
+    arguments = json.loads(forced.message.tool_calls[0].function.arguments)
+    assert set(arguments) <= {"ticker", "exchange"}
+    assert arguments.get("exchange", "NYSE") in ("NYSE", "NASDAQ", "dontcare")  # categorical: a valid value
+
+
+def test_a_tool_generated_from_a_pydantic_model_is_accepted(tool_server):
+    from pydantic import BaseModel
+
+    class GetForecast(BaseModel):
+        """Get the weather forecast for a city."""
+        city: str
+        days: int = 1
+
+    tool = openai.pydantic_function_tool(GetForecast)  # strict, with titles and additionalProperties: false
+    reply = ask(tool_server, [{"role": "user", "content": "Will it rain in Paris in the next 3 days?"}], tools=[tool],
+                tool_choice="required")
+    call = reply.choices[0].message.tool_calls[0].function
+    assert call.name == "GetForecast" and set(json.loads(call.arguments)) <= {"city", "days"}
+
+
+def test_an_agent_loop_with_tool_calls_and_results_is_understood(tool_server, understander):
+    from dialogtune.understand import Conversation
+
+    first = ask(tool_server, BOOK, tool_choice={"type": "function", "function": {
+        "name": "Restaurants_1__ReserveRestaurant"}}).choices[0].message
+    call = first.tool_calls[0]
+    loop = [*BOOK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"status": "booked"}'}]
+    # the agent has acted on the turn: `auto` answers no call, and the loop ends
+    done = ask(tool_server, loop).choices[0]
+    assert done.finish_reason == "stop" and not done.message.tool_calls
+    later = [*loop, {"role": "assistant", "content": "Your table is booked."},
+             {"role": "user", "content": "What will the weather be like there tomorrow?"}]
+    answer = ask(tool_server, later, tool_choice="required").choices[0].message.tool_calls[0]
+    # the same as understanding the conversation directly: the first turn as the call it got
+    conversation = Conversation()
+    understander.turn(conversation, BOOK[0]["content"], forced="Restaurants_1__ReserveRestaurant")
+    conversation.turns.append(("SYSTEM", "Your table is booked."))
+    direct = understander.turn(conversation, later[-1]["content"], required=True)
+    assert (answer.function.name, json.loads(answer.function.arguments)) == (direct.function,
+                                                                            direct.call.arguments)
+
+
+def test_replay_is_cached_per_turn_and_answers_never_depend_on_the_cache(understander, monkeypatch):
+    from dialogtune.serve_tools import Cancelled, ToolCaller, ToolCompletionRequest
+
+    turns = []
+    turn = understander.turn
+
+    def counted(conversation, utterance, *args, **kwargs):
+        turns.append(utterance)
+        return turn(conversation, utterance, *args, **kwargs)
+
+    monkeypatch.setattr(understander, "turn", counted)
+    messages = [{"role": "system", "content": "You are a booking agent."},
+                {"role": "user", "content": "Find me an Italian place in San Jose."},
+                {"role": "assistant", "content": "There is Sushi Sam. Shall I book it?"},
+                {"role": "user", "content": "Yes, for 4 people."},
+                {"role": "assistant", "content": "Done. Anything else?"},
+                {"role": "user", "content": "Get me a ride there."}]
+
+    def answer(caller: ToolCaller, upto: int, choice: str = "auto", tools: list[dict] | None = None):
+        request = ToolCompletionRequest.model_validate({"messages": messages[:upto], "tool_choice": choice,
+                                                        "tools": tools or sgd_tools(understander)})
+        return caller.answer(caller.plan(request))
+
+    caller = ToolCaller(understander)
+    answer(caller, 4)
+    assert len(turns) == 2  # the earlier turn replayed, then the last one
+    turns.clear()
+    full = answer(caller, 6)
+    assert turns == ["Get me a ride there."]  # both earlier turns came from the cache
+    turns.clear()
+    assert answer(ToolCaller(understander), 6) == full and len(turns) == 3  # an empty cache: the same answer
+    forced = answer(caller, 6, "required")
+    assert forced == answer(ToolCaller(understander), 6, "required")
+    assert not caller.indexes  # the run's own functions as tools: its own index serves them
+    gone = threading.Event()
+    gone.set()  # the client went away while its request waited: nothing is computed
+    with pytest.raises(Cancelled):
+        caller.answer(caller.plan(ToolCompletionRequest.model_validate({"messages": messages})), gone)
+    two = sgd_tools(understander, WEATHER, "RideSharing_2__GetRide")
+    assert answer(caller, 6, tools=two).function in (None, WEATHER, "RideSharing_2__GetRide")
+    assert len(caller.indexes) == 1
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "strng"}}}}}]},
+     "tools[0] function 'get_weather' parameter 'city': type 'strng' is not supported"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]: expected a str field 'name'"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]},
+     "tools[0]: function name 'get weather' is not a valid tools name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {}, "required": ["city"]}}}]},
+     "tools[0] function 'f': required parameter 'city' is not among the properties"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "cities": {"type": "array", "items": {"type": "string"}}}}}}]},
+     "tools[0] function 'f' parameter 'cities': nested arrays are not supported"),
+    ({"tools": [{"type": "code_interpreter"}]}, 'tools[0]: expected {"type": "function", "function": {...}}'),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools[1]: function name 'f' is given twice"),
+    ({"tools": []}, "tools: give at least one tool"),
+    ({"tool_choice": {"type": "function", "function": {"name": "book_flight"}}},
+     "tool_choice: function 'book_flight' is not among the tools offered"),
+    ({"tool_choice": "sometimes"}, 'tool_choice: expected "auto", "none", "required"'),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content: a user message needs content"),
+    ({"messages": [{"role": "tool", "tool_call_id": "x", "content": "{}"}]}, "no user message to understand"),
+    ({"messages": [*BOOK, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": WEATHER, "arguments": "{}"}}]}]},
+     "the assistant's tool calls await their results"),
+    ({"messages": [*BOOK, {"role": "assistant", "content": "ok"}]}, "the last message must be from the user"),
+    ({"model": "gpt-4"}, "unknown model 'gpt-4'; this server has 'tiny-understand'"),
+])
+def test_bad_tool_requests_get_a_400_naming_the_field(tool_server, body, message):
+    response = httpx.post(f"{tool_server}/v1/chat/completions", json={"messages": BOOK, **body}, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert error["param"] == next(iter(body))
+
+
+def test_the_openai_client_reports_a_bad_tool_schema(tool_server):
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "when": {"type": "string", "format": "date-time"}}}}}]
+    with pytest.raises(openai.BadRequestError, match="tools\\[0\\] function 'f' parameter 'when': JSON Schema keyword "
+                                                     "'format' is not supported"):
+        ask(tool_server, BOOK, tools=bad)
+
+
+def test_an_understand_run_keeps_the_api_key_the_timeout_and_the_queue(understander, tool_server):
+    url, handle, thread = start_server(create_app(understander, "tiny-understand", api_key="s3cret", timeout=1e-6))
+    try:
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+            client(url, "wrong").chat.completions.create(model="tiny-understand", messages=BOOK)
+        slow = [*BOOK, {"role": "assistant", "content": "Which day?"}, {"role": "user", "content": "Tomorrow."}]
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": slow}, timeout=60,
+                              headers={"Authorization": "Bearer s3cret"})
+        assert response.status_code == 504 and "longer than the server's timeout" in response.json()["error"]["message"]
+        with pytest.raises(openai.APIError, match="longer than the server's timeout"):
+            list(client(url, "s3cret").chat.completions.create(model="tiny-understand", messages=slow, stream=True))
+    finally:
+        handle.should_exit = True
+        thread.join(timeout=10)
+
+    def request(i: int) -> int:  # each a new conversation: nothing is cached
+        response = httpx.post(f"{tool_server}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": f"Find restaurants in city number {i}."}],
+            "tool_choice": "required", "stream": i % 2 == 0})
+        if response.status_code == 503:
+            assert "server busy" in response.json()["error"]["message"]
+        elif i % 2 == 0:
+            assert response.text.rstrip().endswith("data: [DONE]") and '"finish_reason": "tool_calls"' in response.text
+        return response.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        codes = list(pool.map(request, range(12)))
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1
+    assert httpx.get(f"{tool_server}/health").json()["waiting"] == 0
+
+
+def test_serve_tells_an_understand_run_from_a_chat_run(tiny_understand_run, tiny_run):
+    from dialogtune.errors import ConfigError
+    from dialogtune.serve import is_understand_run, run_serve
+
+    assert is_understand_run(str(tiny_understand_run / "run")) and not is_understand_run(str(tiny_run))
+    assert not is_understand_run("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub name: a chat model
+    with pytest.raises(ConfigError, match="--index is for understand runs"):
+        run_serve(str(tiny_run), index=str(tiny_understand_run / "index"))
+
+
+@pytest.mark.parametrize(("kind", "text", "value"), [
+    ("integer", "4", 4), ("integer", "four", "four"), ("number", "2.5", 2.5), ("number", "3", 3),
+    ("number", "nan", "nan"), ("boolean", "True", True), ("boolean", "false", False), ("boolean", "dontcare", "dontcare"),
+    ("string", "7", "7"),
+])
+def test_answers_take_their_parameters_json_type_where_they_read_as_one(kind, text, value):
+    from dialogtune.retrieval.schemas import Parameter
+    from dialogtune.serve_tools import argument_pieces, typed_value
+
+    typed = typed_value(Parameter("x", "", kind), text)
+    assert typed == value and type(typed) is type(value)
+    arguments = {"city": "São Paulo", "x": typed}
+    assert "".join(argument_pieces(arguments)) == json.dumps(arguments, ensure_ascii=False)
+    assert argument_pieces({}) == ["{}"]

@@ -30,6 +30,9 @@ PARAMETER_TYPES = ("string", "integer", "number", "boolean")
 # parameter optional; as a `default` it would also contradict the enum of categorical slots.
 SGD_NO_CONSTRAINT = "dontcare"
 _PROPERTY_KEYS = {"type", "description", "enum", "default"}
+# JSON Schema's annotations constrain no value: accepted and not kept. Generated tools carry them
+# (pydantic, and so `openai.pydantic_function_tool`, gives every field a `title`).
+_ANNOTATIONS = {"title", "examples", "deprecated", "readOnly", "writeOnly", "$comment"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ def _parameters_from_json_schema(schema: Any, where: str, path: Path) -> tuple[P
                             f"(expected a flat parameter of type {', '.join(PARAMETER_TYPES)})")
         if kind not in PARAMETER_TYPES:
             raise DataError(f"{path}: {at}: type {kind!r} is not supported (expected one of {', '.join(PARAMETER_TYPES)})")
-        extra = sorted(set(spec) - _PROPERTY_KEYS)
+        extra = sorted(set(spec) - _PROPERTY_KEYS - _ANNOTATIONS)
         if extra:
             raise DataError(f"{path}: {at}: JSON Schema keyword {extra[0]!r} is not supported "
                             f"(expected only {', '.join(sorted(_PROPERTY_KEYS))})")
