@@ -43,6 +43,7 @@ class TurnResult:
     changes: dict[str, str]  # what stage 2 answered (non-null values)
     candidates: list[str]
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: retrieval, function, arguments
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Understander:
         if forced is not None and forced not in prompts.index.by_name:
             raise ConfigError(f"cannot force {forced!r}: not among the index's functions")
         offered = prompts.offered(utterance, conversation.in_progress, forced=forced)
+        retrieved = time.perf_counter()
         offered, context = prompts.fit(offered, context, utterance, forced=forced)
         messages = prompts.function_messages(offered, context, utterance)
         session: dict[str, Any] = {}
@@ -148,6 +150,7 @@ class Understander:
         answer = self._answer(messages, session, [forced] if forced is not None else names if required
                               else [*names, NONE])
         function = answer if answer in names else None
+        chosen = time.perf_counter()
         changes: dict[str, str] = {}
         messages.append({"role": "assistant", "content": answer})
         for parameter in prompts.index.by_name[function].parameters if function else ():
@@ -160,7 +163,9 @@ class Understander:
                                                              for f in prompts.index.functions})
         conversation.turns.append(("USER", utterance))
         conversation.in_progress = function or conversation.in_progress
-        return TurnResult(call, function, changes, names, time.perf_counter() - started)
+        done = time.perf_counter()
+        return TurnResult(call, function, changes, names, done - started,
+                          {"retrieval": retrieved - started, "function": chosen - retrieved, "arguments": done - chosen})
 
 
 def load_understander(run: str, index: str | None = None) -> Understander:

@@ -87,3 +87,6 @@ def test_the_tiny_run_is_evaluated_end_to_end(tiny_understand_run, tmp_path):
     assert report["dialogues"] == 2 and report["groups"]["all"]["turns"] == 9
     assert 0 <= report["groups"]["all"]["function_accuracy"] <= 1
     assert 0 < report["latency"]["p50_ms"] < (time.perf_counter() - started) * 1000
+    stages = report["latency_by_stage"]
+    assert set(stages) == {"retrieval", "function", "arguments"}
+    assert sum(stage["p50_ms"] for stage in stages.values()) <= report["latency"]["p95_ms"] * 1.5

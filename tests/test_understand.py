@@ -71,6 +71,7 @@ def test_constrained_answers_are_always_an_offered_function_and_a_listed_value(u
                     assert value in [*parameter.enum, "dontcare"]
                 assert value != NULL
             assert json.loads(json.dumps(result.call.as_dict())) == result.call.as_dict()
+            assert sum(result.stages.values()) == pytest.approx(result.seconds, rel=1e-6)
 
 
 def test_the_reused_cache_gives_the_answers_of_a_fresh_prefill(understander):

@@ -82,7 +82,8 @@ def _categorical(dialogue: Dialogue, service: str) -> set[str]:
 
 
 def score_dialogue(understander: Understander, dialogue: Dialogue, seen_services: set[str],
-                   tallies: dict[str, Tally], worst: list[dict], seconds: list[float]) -> None:
+                   tallies: dict[str, Tally], worst: list[dict], seconds: list[float],
+                   stages: dict[str, list[float]] | None = None) -> None:
     gold_turns = {t.index: t for t in sgd_user_turns(dialogue)}
     conversation = Conversation()
     for index, turn in enumerate(dialogue.turns):
@@ -92,6 +93,9 @@ def score_dialogue(understander: Understander, dialogue: Dialogue, seen_services
         gold = gold_turns[index]
         result = understander.turn(conversation, turn.text)
         seconds.append(result.seconds)
+        for stage, spent in result.stages.items():
+            if stages is not None:
+                stages.setdefault(stage, []).append(spent)
         service = gold.service or (service_of(gold.function) if gold.function else None)
         group = "seen" if service in seen_services else "unseen"
         held = conversation.state.values.get(service, {}) if service else {}
@@ -131,6 +135,7 @@ def evaluate_understanding(understander: Understander, dialogues: Iterable[Dialo
     tallies = {name: Tally() for name in GROUPS}
     worst: list[dict] = []
     seconds: list[float] = []
+    stages: dict[str, list[float]] = {}
     rejected = 0
     started = time.perf_counter()
     chosen = []
@@ -142,10 +147,11 @@ def evaluate_understanding(understander: Understander, dialogues: Iterable[Dialo
         if limit is not None and len(chosen) >= limit:
             break
     for dialogue in tqdm(chosen, desc="eval understand", unit=" dialogues", disable=quiet or None):
-        score_dialogue(understander, dialogue, seen, tallies, worst, seconds)
+        score_dialogue(understander, dialogue, seen, tallies, worst, seconds, stages)
     report = {"task": "understand", "dialogues": len(chosen), "rejected": rejected,
               "groups": {name: tally.summary() for name, tally in tallies.items()},
-              "latency": latency(seconds), "seconds": round(time.perf_counter() - started, 1),
+              "latency": latency(seconds), "latency_by_stage": {name: latency(spent) for name, spent in stages.items()},
+              "seconds": round(time.perf_counter() - started, 1),
               "errors": len(worst)}
     worst.sort(key=lambda w: (w["gold_offered"], w["goal"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +174,9 @@ def markdown(report: dict[str, Any], worst: list[dict]) -> str:
                      f"{_fmt(s['slot_precision'])} | {_fmt(s['slot_recall'])} | {_fmt(s['slot_f1'])} | "
                      f"{_fmt(s['exact_call'])} | {_fmt(s['joint_goal_accuracy'])} |")
     lat = report["latency"]
-    lines += ["", f"Latency per user turn (retrieval + both stages): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms.",
+    by_stage = "; ".join(f"{name} p50 {spent['p50_ms']} ms" for name, spent in report.get("latency_by_stage", {}).items())
+    lines += ["", f"Latency per user turn (retrieval + both stages): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms"
+              + (f" ({by_stage})." if by_stage else "."),
               "", f"## Worst turns ({min(WORST_SHOWN, len(worst))} of {len(worst)} wrong calls)", ""]
     for w in worst[:WORST_SHOWN]:
         offered = "" if w["gold_offered"] else " (gold not among the candidates)"
