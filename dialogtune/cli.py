@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=["respond", "summarize", "understand"], help="default: the run's task")
     p.add_argument("--index", help="understand: the retrieval index (default: the one the run was trained with)")
     p.add_argument("--split", default="validation")
-    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples (understand: N dialogues, a fixed sample by a hash of their ids)")
     p.add_argument("-o", "--output", help="output directory (default RUN/eval/DATA)")
     p.add_argument("--compare", nargs="+", metavar="MODEL", help="evaluate several models on the same samples (refused if their samples differ)")
     p.add_argument("--batch-size", type=int, default=8)

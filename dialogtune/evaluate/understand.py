@@ -13,11 +13,13 @@ gold state). Per user turn, against SGD's annotations (dialogtune.state.sgd_user
   free-text value scores its best fuzzy match to the gold values (rapidfuzz's token-sort ratio,
   DSTC8's choice) and a turn's score is the product of its slots' scores;
 reported over all turns and separately for services with exemplars in the index (seen) and
-services known only by their schema (unseen). report.md lists the worst turns.
+services known only by their schema (unseen). report.md lists the worst turns. With `limit`, the
+dialogues evaluated are the first `limit` by a hash of their ids: a fixed sample spread over services.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
@@ -142,10 +144,10 @@ def evaluate_understanding(understander: Understander, dialogues: Iterable[Dialo
     for item in dialogues:
         if isinstance(item, Reject):
             rejected += 1
-            continue
-        chosen.append(item)
-        if limit is not None and len(chosen) >= limit:
-            break
+        else:
+            chosen.append(item)
+    if limit is not None:  # SGD files are grouped by service: the first N would be a few services
+        chosen = sorted(chosen, key=lambda d: hashlib.blake2b(d.id.encode(), digest_size=8).digest())[:limit]
     for dialogue in tqdm(chosen, desc="eval understand", unit=" dialogues", disable=quiet or None):
         score_dialogue(understander, dialogue, seen, tallies, worst, seconds, stages)
     report = {"task": "understand", "dialogues": len(chosen), "rejected": rejected,
