@@ -90,3 +90,11 @@ def test_the_tiny_run_is_evaluated_end_to_end(tiny_understand_run, tmp_path):
     stages = report["latency_by_stage"]
     assert set(stages) == {"retrieval", "function", "arguments"}
     assert sum(stage["p50_ms"] for stage in stages.values()) <= report["latency"]["p95_ms"] * 1.5
+
+
+def test_limit_takes_a_fixed_sample_by_a_hash_of_the_ids(tmp_path):
+    every = list(sgd.read(FIXTURES / "retrieval" / "sgd"))
+    # 2_00000's hash (db5e...) sorts before 2_00001's (e245...): whatever the order they come in
+    for order in (every, every[::-1]):
+        report = evaluate_understanding(Scripted(), order, tmp_path, limit=1, quiet=True)
+        assert report["dialogues"] == 1 and report["groups"]["all"]["turns"] == 5
