@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dialogtune.dialogue import Dialogue
-
-NO_INTENT = "NONE"  # SGD's active_intent when a service has none
-SERVICE_SEPARATOR = "__"  # as in retrieval.schemas: `Service_1__Intent`
+from dialogtune.retrieval.exemplars import NO_INTENT
+from dialogtune.retrieval.schemas import SERVICE_SEPARATOR, sgd_function_name
 
 
 def service_of(function: str) -> str:
@@ -86,7 +85,7 @@ def _frames_of_turn(frames: list[dict], previous: dict[str, tuple[str, dict]]) -
 
 
 def _function(frame: dict) -> str:
-    return f"{frame['service']}{SERVICE_SEPARATOR}{frame['state']['active_intent']}"
+    return sgd_function_name(frame["service"], frame["state"]["active_intent"])
 
 
 def sgd_user_turns(dialogue: Dialogue) -> Iterator[UserTurn]:

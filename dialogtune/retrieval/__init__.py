@@ -1,6 +1,6 @@
-"""Finding the right function for an utterance: function schemas, exemplars and a hybrid index
-(more to come: find-k, embedder fine-tuning). Used by the understanding task at prepare time
-and by inference alike."""
+"""Finding the right function for an utterance: function schemas, exemplars, a hybrid index,
+find-k and embedder fine-tuning. Used by the understand task at prepare time and by inference
+alike."""
 
 from dialogtune.retrieval.exemplars import Exemplar, ExtractionStats, extract_sgd_exemplars, load_exemplars
 from dialogtune.retrieval.fusion import fuse
