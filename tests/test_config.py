@@ -102,3 +102,17 @@ def test_eval_limit_must_select_some_samples():
     with pytest.raises(ConfigError, match=r"eval.limit: Input should be greater than or equal to 1"):
         _train_job(report=True, limit=0)
     assert _train_job(report=True, limit=5).eval.limit == 5
+
+
+@pytest.mark.parametrize("name", ["sgd_respond", "samsum_summarize", "sgd_understand", "sgd_embedder"])
+def test_the_shipped_example_configs_validate(name):
+    from pathlib import Path
+
+    from dialogtune.config import EmbedderTrainConfig, TrainJobConfig
+
+    path = Path(__file__).parent.parent / "examples" / f"{name}.yaml"
+    config = build_config(load_yaml(path), str(path),
+                          schema=EmbedderTrainConfig if name == "sgd_embedder" else TrainJobConfig)
+    if name == "sgd_understand":  # inputs named in the file are relative to it
+        assert (config.task.name, config.task.index) == ("understand", str(path.parent / "data" / "sgd-index"))
+        assert config.data.path == [str(path.parent / "data" / "sgd" / "train")] and config.data.sample == 0.025
