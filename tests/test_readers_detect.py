@@ -31,6 +31,7 @@ EXPECTED = {
     "sgd/dialogues_001.json": "sgd",
     "retrieval/sgd": "sgd",
     "retrieval/sgd/dialogues_001.json": "sgd",
+    "sgd_calls/dialogues_001.json": "sgd",
     "messages.jsonl": "messages",
     "personachat.txt": "parlai",
 }
