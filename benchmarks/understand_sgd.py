@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="an SGD split directory (dev)")
     parser.add_argument("--limit", type=int, default=24, help="dialogues evaluated (a fixed sample)")
     parser.add_argument("--skip-start", action="store_true", help="do not evaluate the untrained start")
+    parser.add_argument("--only-final", action="store_true", help="evaluate final/ only")
+    parser.add_argument("--dialogue-services", action="store_true",
+                        help="offer only the functions of each dialogue's services (DSTC8's setting)")
+    parser.add_argument("--name", default="understand_sgd", help="results file name (default understand_sgd)")
     parser.add_argument("-o", "--output", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -61,27 +65,29 @@ def main() -> None:
     points = [] if args.skip_start else [(0, None)]
     checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     points += [(int(c.name.split("-")[1]), c) for c in checkpoints if int(c.name.split("-")[1]) < summary["steps"]]
+    points = [] if args.only_final else points
     points.append((summary["steps"], final))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for step, weights in points:
             location = final if weights == final else view(final, weights, Path(scratch) / f"step-{step}")
             understander = load_understander(str(location))
+            understander.prompts.dialogue_services |= args.dialogue_services
             report = evaluate_understanding(understander, sgd.read(Path(args.data)),
                                             Path(scratch) / f"eval-{step}", args.limit)
             results.append({"step": step, "examples_seen": round(step * examples_per_step), **report})
             groups = report["groups"]
             print(f"step {step}: function {groups['all']['function_accuracy']:.3f} (unseen "
-                  f"{groups['unseen']['function_accuracy'] or float('nan'):.3f}), slot F1 {groups['all']['slot_f1']:.3f},"
+                  f"{_f(groups['unseen']['function_accuracy'])}), slot F1 {groups['all']['slot_f1']:.3f},"
                   f" JGA {groups['all']['joint_goal_accuracy']:.3f}, p50 {report['latency']['p50_ms']} ms", flush=True)
             del understander
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     record = {"run": str(run), "data": args.data, "limit": args.limit, "train_examples": prepared["splits"]["train"]["examples"],
-              "points": results}
-    (out / "understand_sgd.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "understand_sgd.md").write_text(markdown(record))
-    plot(record, out / "understand_sgd.png")
+              "dialogue_services": args.dialogue_services, "points": results}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(record))
+    plot(record, out / f"{args.name}.png")
 
 
 def _f(value) -> str:
@@ -89,7 +95,8 @@ def _f(value) -> str:
 
 
 def markdown(record: dict) -> str:
-    lines = [f"# understand on SGD dev: {record['limit']} dialogues, by training step", "",
+    offered = "the functions of each dialogue's services" if record.get("dialogue_services") else "all functions"
+    lines = [f"# understand on SGD dev: {record['limit']} dialogues, by training step (candidates from {offered})", "",
              f"Run `{record['run']}` ({record['train_examples']} training examples, one per user turn).", "",
              ("| step | examples seen | turns | function acc | unseen function acc | none acc | slot F1 | exact call "
              "| JGA | seen JGA | unseen JGA | p50 ms | p95 ms |"),

@@ -187,6 +187,8 @@ def eval_understand(args: argparse.Namespace) -> int:
     if args.compare or not args.model:
         raise ConfigError("eval --task understand takes one run (no --compare)")
     understander = load_understander(args.model, args.index)
+    if args.dialogue_services:
+        understander.prompts.dialogue_services = True
     out = Path(args.output or Path(args.model) / "eval" / f"understand-{Path(args.data).name}")
     report = evaluate_understanding(understander, sgd.read(Path(args.data)), out, args.limit)
     for name, s in report["groups"].items():
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")
     p.add_argument("--task", choices=["respond", "summarize", "understand"], help="default: the run's task")
     p.add_argument("--index", help="understand: the retrieval index (default: the one the run was trained with)")
+    p.add_argument("--dialogue-services", action="store_true",
+                   help="understand: offer only the functions of each dialogue's services (as DSTC8 evaluates)")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (understand: N dialogues, a fixed sample by a hash of their ids)")
     p.add_argument("-o", "--output", help="output directory (default RUN/eval/DATA)")

@@ -70,6 +70,7 @@ class TaskConfig(Strict):
     index: str | None = None  # understand: the retrieval index (`dialogtune index`) candidates come from
     candidates: int = Field(default=8, ge=1)  # understand: functions offered in the prompt, best first
     exemplars: int = Field(default=2, ge=0)  # understand: example utterances shown per candidate
+    dialogue_services: bool = False  # understand: offer only the functions of the dialogue's services (SGD names them)
 
     @field_validator("speakers_as", mode="before")
     @classmethod

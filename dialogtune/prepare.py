@@ -129,7 +129,8 @@ def understand_prompts(config: PrepareConfig, tokenizer) -> UnderstandPrompts | 
     def measure(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-    return UnderstandPrompts(index, config.task.candidates, config.task.exemplars, measure, config.max_length)
+    return UnderstandPrompts(index, config.task.candidates, config.task.exemplars, measure, config.max_length,
+                             dialogue_services=config.task.dialogue_services)
 
 
 def sampled(dialogue: Dialogue, share: float | None) -> bool:

@@ -151,7 +151,8 @@ def understand_settings(config: dict[str, Any]) -> dict[str, Any]:
     task = config["task"]
     context = task.get("context", "full")
     return {"index": str(Path(task["index"]).resolve()), "candidates": task["candidates"],
-            "exemplars": task["exemplars"], "rounds": None if context == "full" else context["rounds"]}
+            "exemplars": task["exemplars"], "rounds": None if context == "full" else context["rounds"],
+            "dialogue_services": task.get("dialogue_services", False)}
 
 
 def find_run_info(path: Path) -> Path | None:

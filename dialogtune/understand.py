@@ -52,6 +52,7 @@ class Conversation:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (speaker, text), "USER" / "SYSTEM"
     state: DialogueState = field(default_factory=DialogueState)
     in_progress: str | None = None
+    services: list[str] | None = None  # the services it may call (SGD's per dialogue), when prompts keep to them
 
 
 def option_trie(tokenizer, options: Sequence[str], end_ids: set[int]) -> dict[tuple[int, ...], set[int]]:
@@ -138,7 +139,8 @@ class Understander:
         prompts = self.prompts if index is None else self.prompts.over(index)
         if forced is not None and forced not in prompts.index.by_name:
             raise ConfigError(f"cannot force {forced!r}: not among the index's functions")
-        offered = prompts.offered(utterance, conversation.in_progress, forced=forced)
+        offered = prompts.offered(utterance, conversation.in_progress, forced=forced,
+                                  allowed=prompts.allowed(conversation.services))
         retrieved = time.perf_counter()
         offered, context = prompts.fit(offered, context, utterance, forced=forced)
         messages = prompts.function_messages(offered, context, utterance)
@@ -187,7 +189,7 @@ def load_understander(run: str, index: str | None = None) -> Understander:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     prompts = UnderstandPrompts(load_index(Path(location)), settings["candidates"], settings["exemplars"], measure,
-                                chat.info.max_length)
+                                chat.info.max_length, dialogue_services=settings.get("dialogue_services", False))
     return Understander(chat, prompts, settings["rounds"])
 
 

@@ -188,3 +188,13 @@ def test_real_minilm_finds_the_matching_function_first(corpus):
         timings.append(time.perf_counter() - started)
         assert candidates[0].function.name == expected, (query, [c.function.name for c in candidates])
     print(f"\nMiniLM: load + build {built:.2f}s, query {1000 * min(timings):.1f}-{1000 * max(timings):.1f} ms")
+
+
+def test_a_search_restricted_to_some_functions_finds_only_those(index):
+    allowed = {"Music_1__PlaySong", "Weather_1__GetWeather"}
+    for query in QUERIES:
+        hits = index.search(query, top_k=5, allowed=allowed)
+        found = {name for name, _ in hits.descriptions + hits.exemplars_dense + hits.exemplars_keyword}
+        assert found <= allowed and {name for name, _ in hits.descriptions} == allowed
+        assert all(index.exemplars[row].function in allowed for rows in hits.exemplar_rows.values() for row in rows)
+        assert {c.function.name for c in index.retrieve(query, allowed=allowed)} == allowed

@@ -146,3 +146,15 @@ def test_with_smollm2_each_trained_answer_is_its_standalone_tokens_then_the_end_
                     [*tokenizer(answer, add_special_tokens=False).input_ids, end]
                 checked += 1
     assert checked > 20
+
+
+def test_prompts_may_keep_to_the_dialogues_services(index):
+    dialogue = dialogues()["2_00000"]  # services: Restaurants_1 only
+    examples = understand(dialogue, UnderstandPrompts(index, candidates=5, exemplars=0, dialogue_services=True))
+    for example in examples:
+        offered = [line.split(":")[0][2:].removesuffix(" (in progress)")
+                   for line in example.messages[0]["content"].splitlines() if line.startswith("- ")]
+        assert set(offered) <= {"Restaurants_1__ReserveRestaurant", "Restaurants_1__FindRestaurants", NONE}
+        assert offered[-1] == NONE and len(offered) == 3
+    open_prompts = understand(dialogue, UnderstandPrompts(index, candidates=5, exemplars=0))
+    assert "Music_1__PlaySong" in open_prompts[1].messages[0]["content"]

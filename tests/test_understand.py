@@ -135,3 +135,14 @@ def test_the_command_prints_the_call_as_json(tiny_understand_run, capsys):
     assert main(["understand", str(tiny_understand_run / "run"), "--utterance", "Play Hey Jude now."]) == 0
     call = json.loads(capsys.readouterr().out)
     assert set(call) in ({"function"}, {"function", "arguments"})
+
+
+def test_a_conversation_keeps_to_its_services_when_the_prompts_do(understander):
+    understander.prompts.dialogue_services = True
+    try:
+        result = understander.turn(Conversation(services=["Music_1"]), "Play Hey Jude now.")
+        assert result.candidates == ["Music_1__PlaySong"]
+        assert result.function in (None, "Music_1__PlaySong")
+    finally:
+        understander.prompts.dialogue_services = False
+    assert len(understander.turn(Conversation(services=["Music_1"]), "Play Hey Jude now.").candidates) > 1

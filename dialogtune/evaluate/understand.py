@@ -87,7 +87,7 @@ def score_dialogue(understander: Understander, dialogue: Dialogue, seen_services
                    tallies: dict[str, Tally], worst: list[dict], seconds: list[float],
                    stages: dict[str, list[float]] | None = None) -> None:
     gold_turns = {t.index: t for t in sgd_user_turns(dialogue)}
-    conversation = Conversation()
+    conversation = Conversation(services=dialogue.meta.get("services"))
     for index, turn in enumerate(dialogue.turns):
         if turn.speaker != "USER":
             conversation.turns.append((turn.speaker or "SYSTEM", turn.text))

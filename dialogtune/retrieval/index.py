@@ -30,7 +30,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +138,8 @@ class RetrievalIndex:
         self.by_name = {function.name: function for function in self.functions}
         # each exemplar's dialogue (or file): a training query must not find its own turn
         self._exemplar_groups = np.array([str(e.source[0]) for e in self.exemplars], dtype=object)
+        self._exemplar_owners = np.array([e.function for e in self.exemplars], dtype=object)
+        self._function_names = np.array([f.name for f in self.functions], dtype=object)
 
     @property
     def dimension(self) -> int:
@@ -178,22 +180,32 @@ class RetrievalIndex:
         return list(zip(for_descriptions, for_exemplars, strict=True))
 
     def search(self, utterance: str, top_k: int = 8, max_exemplars: int = 8, exclude_group: str | None = None,
-               vectors: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
+               vectors: tuple[np.ndarray, np.ndarray] | None = None, allowed: Collection[str] | None = None) -> Hits:
         """`exclude_group`: leave out the exemplars of this dialogue (or file). Building training
         prompts from the dialogues the index was built from, each turn would otherwise find itself.
-        `vectors`: the utterance's query vectors from `embed_queries`, when embedded already."""
+        `vectors`: the utterance's query vectors from `embed_queries`, when embedded already.
+        `allowed`: search only these functions (an SGD dialogue's services, a request's tools)."""
         query, exemplar_query = vectors if vectors is not None else self.embed_queries([utterance])[0]
-        hits = Hits([(self.functions[row].name, score) for row, score in _top(self.description_vectors @ query, top_k)])
+        description_scores = self.description_vectors @ query
+        if allowed is not None:
+            description_scores[~np.isin(self._function_names, list(allowed))] = -np.inf
+        hits = Hits([(self.functions[row].name, score) for row, score in _top(description_scores, top_k)
+                     if score > -np.inf])
         if not self.exemplars:
             return hits
-        dense_scores = self._dense_scores(exemplar_query, top_k * max_exemplars, exclude_group)
+        # restricted to a few functions, exact scores over all rows are as cheap as the vector index
+        dense_scores = (self.exemplar_vectors @ exemplar_query if allowed is not None
+                        else self._dense_scores(exemplar_query, top_k * max_exemplars, exclude_group))
         tokens = _keyword_tokens([utterance], return_ids=False)[0]
         keyword_scores = self.keywords.get_scores(tokens) if tokens else np.zeros(len(self.exemplars))
         keyword_scores = np.where(keyword_scores > 0, keyword_scores, -np.inf)  # no shared word: no hit
-        if exclude_group is not None:
-            own = self._exemplar_groups == exclude_group
-            dense_scores[own] = -np.inf
-            keyword_scores[own] = -np.inf
+        left_out = self._exemplar_groups == exclude_group if exclude_group is not None else None
+        if allowed is not None:
+            others = ~np.isin(self._exemplar_owners, list(allowed))
+            left_out = others if left_out is None else left_out | others
+        if left_out is not None:
+            dense_scores[left_out] = -np.inf
+            keyword_scores[left_out] = -np.inf
         dense, keyword = ([(name, [(row, score) for row, score in rows if score > -np.inf])
                            for name, rows in self._exemplar_hits(scores, top_k, max_exemplars)]
                           for scores in (dense_scores, keyword_scores))
@@ -215,9 +227,9 @@ class RetrievalIndex:
                 for name, score in fuse(lists, fusion)]
 
     def retrieve(self, utterance: str, top_k: int = 8, fusion: str = "rrf", max_exemplars: int = 8,
-                 exclude_group: str | None = None, vectors: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> list[Candidate]:
-        return self.candidates(self.search(utterance, top_k, max_exemplars, exclude_group, vectors), fusion)
+                 exclude_group: str | None = None, vectors: tuple[np.ndarray, np.ndarray] | None = None,
+                 allowed: Collection[str] | None = None) -> list[Candidate]:
+        return self.candidates(self.search(utterance, top_k, max_exemplars, exclude_group, vectors, allowed), fusion)
 
 
 def indexable_exemplars(exemplars: Sequence[Exemplar], functions: Sequence[Function]) -> list[Exemplar]:

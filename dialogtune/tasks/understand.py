@@ -103,8 +103,9 @@ class UnderstandPrompts:
     `measure(text) -> tokens`: the tokenizer's count (the prompt budget is in tokens)."""
 
     def __init__(self, index, candidates: int = 8, exemplars: int = 2, measure: Callable[[str], int] | None = None,
-                 max_tokens: int | None = None, fusion: str = "rrf"):
+                 max_tokens: int | None = None, fusion: str = "rrf", dialogue_services: bool = False):
         self.index = index
+        self.dialogue_services = dialogue_services  # offer only the functions of the dialogue's services
         self.candidates = candidates
         self.exemplars = exemplars
         self.measure = measure
@@ -114,15 +115,25 @@ class UnderstandPrompts:
 
     def over(self, index) -> UnderstandPrompts:
         """The same settings over another index."""
-        return UnderstandPrompts(index, self.candidates, self.exemplars, self.measure, self.max_tokens, self.fusion)
+        return UnderstandPrompts(index, self.candidates, self.exemplars, self.measure, self.max_tokens, self.fusion,
+                                 self.dialogue_services)
+
+    def allowed(self, services: Sequence[str] | None) -> set[str] | None:
+        """The functions a dialogue may call, when prompts keep to its services (SGD names them
+        per dialogue, as DSTC8 evaluates); None: every function of the index."""
+        if not self.dialogue_services or not services:
+            return None
+        return {f.name for f in self.index.functions if f.service in services or f.name in services}
 
     def offered(self, utterance: str, in_progress: str | None, exclude_group: str | None = None,
-                vectors=None, forced: str | None = None) -> list[Offered]:
+                vectors=None, forced: str | None = None, allowed: set[str] | None = None) -> list[Offered]:
         """The candidates, best first, the function in progress always among them. `vectors`: the
         utterance's query vectors, when embedded already (RetrievalIndex.embed_queries).
-        `forced`: a function the caller makes stage 1 answer (serve's tool_choice), offered too."""
+        `forced`: a function the caller makes stage 1 answer (serve's tool_choice), offered too.
+        `allowed`: retrieve among these functions only (see `allowed`)."""
         found = self.index.retrieve(utterance, top_k=self.candidates, fusion=self.fusion,
-                                    max_exemplars=max(self.exemplars, 1), exclude_group=exclude_group, vectors=vectors)
+                                    max_exemplars=max(self.exemplars, 1), exclude_group=exclude_group, vectors=vectors,
+                                    allowed=allowed)
         names = [c.function.name for c in found][:self.candidates]
         pinned = [name for name in (in_progress, forced) if name is not None and name in self.index.by_name]
         for name in pinned:  # each missing one takes the place of the last candidate not pinned
@@ -198,13 +209,14 @@ def understand(dialogue: Dialogue, prompts: UnderstandPrompts, rounds: int | Non
     examples = []
     in_progress: str | None = None
     vectors = prompts.index.embed_queries([dialogue.turns[t.index].text for t in turns])  # one batch per dialogue
+    allowed = prompts.allowed(dialogue.meta.get("services"))
     for turn, query in zip(turns, vectors, strict=True):
         prompts.stats.turns += 1
         prompts.stats.second_calls += len(turn.also)
         utterance = dialogue.turns[turn.index].text
         context = [(t.speaker or "", t.text) for t in dialogue.turns[max(0, turn.index - rounds)
                                                                         if rounds is not None else 0: turn.index]]
-        offered = prompts.offered(utterance, in_progress, exclude_group=dialogue.id, vectors=query)
+        offered = prompts.offered(utterance, in_progress, exclude_group=dialogue.id, vectors=query, allowed=allowed)
         target = turn.function
         if target is not None and target not in {o.name for o in offered}:
             prompts.stats.gold_not_retrieved += 1
