@@ -61,7 +61,9 @@ def main() -> None:
     final = run / "final"
     summary = json.loads((run / "summary.json").read_text())
     prepared = json.loads((Path(json.loads((run / "run.json").read_text())["prepared"]) / "stats.json").read_text())
-    examples_per_step = prepared["splits"]["train"]["examples"] / max(1, summary["steps"])  # one epoch
+    train = prepared["splits"]["train"]
+    batch = json.loads((run / "run.json").read_text())["training_arguments"]["per_device_train_batch_size"]
+    examples_per_step = batch * train["examples"] / train["rows"]  # a step reads `batch` packed rows
     points = [] if args.skip_start else [(0, None)]
     checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     points += [(int(c.name.split("-")[1]), c) for c in checkpoints if int(c.name.split("-")[1]) < summary["steps"]]
