@@ -115,4 +115,4 @@ def test_the_shipped_example_configs_validate(name):
                           schema=EmbedderTrainConfig if name == "sgd_embedder" else TrainJobConfig)
     if name == "sgd_understand":  # inputs named in the file are relative to it
         assert (config.task.name, config.task.index) == ("understand", str(path.parent / "data" / "sgd-index"))
-        assert config.data.path == [str(path.parent / "data" / "sgd" / "train")] and config.data.sample == 0.025
+        assert config.data.path == [str(path.parent / "data" / "sgd" / "train")] and config.data.sample == 0.05
