@@ -32,6 +32,7 @@ from dialogtune.errors import ConfigError, DataError, RunError
 from dialogtune.infer import ChatModel, load_chat_model
 from dialogtune.state import Call, DialogueState
 from dialogtune.tasks.understand import NONE, NULL, UnderstandPrompts, argument_options, argument_question
+from dialogtune.tokenize import token_counter
 
 MAX_VALUE_TOKENS = 24  # a free-text argument's answer (SGD's longest values are addresses)
 
@@ -79,10 +80,12 @@ class Understander:
         self._tries: dict[tuple[str, ...], dict] = {}
 
     # --- decoding -------------------------------------------------------------------------------
-    def _trie(self, options: Sequence[str]) -> dict:
+    def _trie(self, options: Sequence[str]) -> tuple[dict, int]:
+        """The options' token trie and the longest option's length in tokens, built once per option set."""
         key = tuple(options)
         if key not in self._tries:
-            self._tries[key] = option_trie(self.chat.tokenizer, options, self.end_ids)
+            trie = option_trie(self.chat.tokenizer, options, self.end_ids)
+            self._tries[key] = (trie, max(map(len, trie), default=0))
         return self._tries[key]
 
     def _answer(self, messages: list[dict], session: dict, options: Sequence[str] | None) -> str:
@@ -106,14 +109,14 @@ class Understander:
         room = self.chat.reply_room(width)
         if room <= 0:  # nothing can be written: the prompt fills the context (fit keeps this rare)
             return NULL if options is None or NULL in options else NONE
-        allowed = None
+        allowed, longest = None, MAX_VALUE_TOKENS
         if options is not None:
-            trie = self._trie(options)
+            trie, depth = self._trie(options)
+            longest = depth + 1  # the option's tokens, then its end of turn
             everything = list(self.end_ids)
 
             def allowed(_batch: int, sequence: torch.Tensor) -> list[int]:
                 return list(trie.get(tuple(sequence[width:].tolist()), everything))
-        longest = max((len(k) for k in self._trie(options)), default=0) + 1 if options is not None else MAX_VALUE_TOKENS
         longest = min(longest, room)
         with torch.inference_mode():
             output = model.generate(
@@ -161,8 +164,8 @@ class Understander:
             messages.append({"role": "assistant", "content": value})
             if value and value != NULL:
                 changes[parameter.name] = value
-        call = conversation.state.update(function, changes, {f.name: [p.name for p in f.parameters]
-                                                             for f in prompts.index.functions})
+        own = {function: [p.name for p in prompts.index.by_name[function].parameters]} if function else None
+        call = conversation.state.update(function, changes, own)
         conversation.turns.append(("USER", utterance))
         conversation.in_progress = function or conversation.in_progress
         done = time.perf_counter()
@@ -183,12 +186,8 @@ def load_understander(run: str, index: str | None = None) -> Understander:
     if not Path(location).exists():
         raise ConfigError(f"{location}: no retrieval index here (the run was trained with {settings['index']}); "
                           "pass --index DIR")
-    tokenizer = chat.tokenizer
-
-    def measure(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-    prompts = UnderstandPrompts(load_index(Path(location)), settings["candidates"], settings["exemplars"], measure,
+    prompts = UnderstandPrompts(load_index(Path(location)), settings["candidates"], settings["exemplars"],
+                                token_counter(chat.tokenizer),
                                 chat.info.max_length, dialogue_services=settings.get("dialogue_services", False))
     return Understander(chat, prompts, settings["rounds"])
 

@@ -112,6 +112,7 @@ class UnderstandPrompts:
         self.max_tokens = max_tokens
         self.fusion = fusion
         self.stats = PromptStats()
+        self._tail_sizes: dict[str, int] = {}  # function name -> tokens its stage 2 needs (see _tail_tokens)
 
     def over(self, index) -> UnderstandPrompts:
         """The same settings over another index."""
@@ -164,10 +165,11 @@ class UnderstandPrompts:
         if self.measure is None or self.max_tokens is None:
             return offered, context
 
+        given = self._size(tail) if tail is not None else None  # the tail never gives way: measured once
+
         def size() -> int:
-            rest = tail if tail is not None else max((self.expected_tail(o.name) for o in offered),
-                                                     key=self._size, default=[])
-            return self._size([system_prompt(offered), conversation_prompt(context, utterance), *rest])
+            rest = given if given is not None else max((self._tail_tokens(o.name) for o in offered), default=0)
+            return self._size([system_prompt(offered), conversation_prompt(context, utterance)]) + rest
 
         while size() > self.max_tokens:
             with_templates = [i for i, o in enumerate(offered) if o.templates]
@@ -187,12 +189,15 @@ class UnderstandPrompts:
                 break  # only the turn and one function left: the encoder reports what is still too long
         return offered, context
 
-    def expected_tail(self, name: str) -> list[str]:
-        """What stage 2 of `name` will add: its name, each question, and an answer of
-        ANSWER_ROOM words-worth of tokens each (the decoder stops earlier or at the context's end)."""
-        function = self.index.by_name[name]
-        room = " ".join(["value"] * ANSWER_ROOM)
-        return [name, *(text for p in function.parameters for text in (argument_question(p), room))]
+    def _tail_tokens(self, name: str) -> int:
+        """The tokens stage 2 of `name` will add: its name, each question, and an answer of
+        ANSWER_ROOM words' worth each (the decoder stops earlier or at the context's end). Measured
+        once per function: inference asks it of every candidate of every turn."""
+        if name not in self._tail_sizes:
+            room = " ".join(["value"] * ANSWER_ROOM)
+            questions = (text for p in self.index.by_name[name].parameters for text in (argument_question(p), room))
+            self._tail_sizes[name] = self._size([name, *questions])
+        return self._tail_sizes[name]
 
     def function_messages(self, offered: Sequence[Offered], context: Sequence[tuple[str, str]],
                           utterance: str) -> list[dict[str, Any]]:
