@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any
 from dialogtune.config import TrainJobConfig, build_config, load_yaml, merge, parse_overrides
 from dialogtune.errors import ConfigError, DialogtuneError
 from dialogtune.readers import FORMATS
+from dialogtune.retrieval.embedder import DEFAULT_EMBEDDER
+from dialogtune.retrieval.fusion import FUSIONS
+from dialogtune.retrieval.index import VECTOR_INDEX_FROM
 
 if TYPE_CHECKING:  # importing dialogtune.infer loads torch and transformers: only the commands that use it do
     from dialogtune.infer import Sampling
@@ -375,18 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="an SGD split directory, its schema.json, or a tools JSON (several are merged)")
     p.add_argument("--exemplars", action="append", default=[], metavar="SOURCE",
                    help="an SGD split directory or dialogues file, or a hand-written exemplars JSON/YAML (repeatable)")
-    p.add_argument("--embedder", default="minilm-l6-v2",
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER,
                    help="a sentence-transformers model name or directory (default: the embedded minilm-l6-v2)")
     p.add_argument("--query-instruction", default="",
                    help="a prefix for queries against descriptions, for models trained with one (default none)")
-    p.add_argument("--vector-index-from", type=int, default=50_000, metavar="N",
+    p.add_argument("--vector-index-from", type=int, default=VECTOR_INDEX_FROM, metavar="N",
                    help="from N templates, dense search goes through a usearch HNSW index (default 50000)")
     p.add_argument("-o", "--output", required=True, help="the index directory to write")
     p = sub.add_parser("retrieve", help="the candidate functions for an utterance, from an index")
     p.add_argument("index", help="a directory written by `dialogtune index`")
     p.add_argument("utterance")
     p.add_argument("-k", type=int, default=8, help="functions taken from each search before fusion (default 8)")
-    p.add_argument("--fusion", default="rrf", choices=["rrf", "sum", "union", "intersection"])
+    p.add_argument("--fusion", default="rrf", choices=FUSIONS)
     p.add_argument("--embedder", help="refuse to run unless the index was built with this embedder")
     p.add_argument("--show-exemplars", type=int, default=3, metavar="N", help="exemplars shown per function (default 3)")
     p = sub.add_parser("findk", help="recall of the gold function for k = 1..K: how many candidates to retrieve")
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SGD split directories or dialogues files, or JSONL of {\"utterance\", \"function\"}")
     p.add_argument("-K", type=int, default=16, help="the largest k (default 16)")
     p.add_argument("--target", type=float, default=0.98, help="the recall to reach (default 0.98)")
-    p.add_argument("--fusion", default="rrf", choices=["rrf", "sum", "union", "intersection"])
+    p.add_argument("--fusion", default="rrf", choices=FUSIONS)
     p.add_argument("--max-exemplars", type=int, default=8, help="templates kept per function (default 8)")
     p.add_argument("--drop-seen", action="store_true",
                    help="leave out queries whose utterance the index holds, instead of refusing them")

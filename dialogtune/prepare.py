@@ -43,7 +43,7 @@ from dialogtune.tasks.respond import ALL_SPEAKERS, ToolCallStats, respond
 from dialogtune.tasks.summarize import summarize
 from dialogtune.tasks.understand import UnderstandPrompts, understand
 from dialogtune.templates import ChatTemplate, resolve_template
-from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, TokenizeStats
+from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, Tokenized, TokenizeStats, token_counter
 
 BATCH = 512  # examples tokenized together (in parallel, in Rust)
 # Part of the fingerprint: raise it whenever what `prepare` writes changes, so old caches are redone.
@@ -124,12 +124,8 @@ def understand_prompts(config: PrepareConfig, tokenizer) -> UnderstandPrompts | 
     if not config.task.index:
         raise ConfigError("task.index is required for understand: the retrieval index that offers the candidate "
                           "functions (build one with `dialogtune index SCHEMAS --exemplars DATA -o DIR`)")
-    index = load_index(Path(config.task.index))
-
-    def measure(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return UnderstandPrompts(index, config.task.candidates, config.task.exemplars, measure, config.max_length,
+    return UnderstandPrompts(load_index(Path(config.task.index)), config.task.candidates, config.task.exemplars,
+                             token_counter(tokenizer), config.max_length,
                              dialogue_services=config.task.dialogue_services)
 
 

@@ -33,6 +33,11 @@ def trained_runs(labels: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
+def token_counter(tokenizer):
+    """text -> its number of tokens, no special tokens added: how prompt budgets are measured."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 @dataclass(slots=True)
 class Tokenized:
     input_ids: np.ndarray  # int32
