@@ -31,14 +31,14 @@ from typing import Any, Literal
 # At module level: FastAPI reads the handlers' annotations (`request: Request`) from here.
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 
 from dialogtune.errors import ConfigError
 from dialogtune.infer import ChatModel, Conversation, Sampling
-from dialogtune.readers.messages import OPENAI_ROLES, content_text
 from dialogtune.serve_tools import (
     Cancelled,
+    OpenAIMessage,
     ToolCaller,
     ToolCompletionRequest,
     ToolRequestError,
@@ -48,20 +48,9 @@ from dialogtune.serve_tools import (
 from dialogtune.understand import Understander
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Message(OpenAIMessage):
     role: Literal["system", "user", "assistant"]
     content: str
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _developer_is_system(cls, role: object) -> object:
-        return OPENAI_ROLES.get(role, role) if isinstance(role, str) else role  # developer -> system
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, content: object) -> str:
-        return content_text(content)  # its ValueError (naming the parts that are not text) becomes the 400
 
 
 class CompletionRequest(BaseModel):

@@ -79,22 +79,28 @@ class ToolCall(BaseModel):
     function: CalledFunction
 
 
-class ToolMessage(BaseModel):
-    """An OpenAI message as an agent sends it: also assistant tool calls and tool results."""
+class OpenAIMessage(BaseModel):
+    """What every OpenAI message shares: `developer` is the system role, and `content` may be a
+    list of text parts. Subclasses say which roles and whether content may be null."""
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("role", mode="before", check_fields=False)
+    @classmethod
+    def _developer_is_system(cls, role: object) -> object:
+        return OPENAI_ROLES.get(role, role) if isinstance(role, str) else role  # developer -> system
+
+    @field_validator("content", mode="before", check_fields=False)
+    @classmethod
+    def _text_parts(cls, content: object) -> str | None:
+        # content_text's ValueError (naming the parts that are not text) becomes the 400
+        return None if content is None else content_text(content)
+
+
+class ToolMessage(OpenAIMessage):
+    """An OpenAI message as an agent sends it: also assistant tool calls and tool results."""
     role: Literal["system", "user", "assistant", "tool", "function"]  # function: the deprecated tool result
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _developer_is_system(cls, role: object) -> object:
-        return OPENAI_ROLES.get(role, role) if isinstance(role, str) else role
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, content: object) -> str | None:
-        return None if content is None else content_text(content)
 
 
 class ToolCompletionRequest(BaseModel):
