@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dialogtune.evaluate.understand import cell
+
 RESULTS = Path(__file__).parent / "results"
 ADAPTER = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -80,7 +82,7 @@ def main() -> None:
             results.append({"step": step, "examples_seen": round(step * examples_per_step), **report})
             groups = report["groups"]
             print(f"step {step}: function {groups['all']['function_accuracy']:.3f} (unseen "
-                  f"{_f(groups['unseen']['function_accuracy'])}), slot F1 {groups['all']['slot_f1']:.3f},"
+                  f"{cell(groups['unseen']['function_accuracy'])}), slot F1 {groups['all']['slot_f1']:.3f},"
                   f" JGA {groups['all']['joint_goal_accuracy']:.3f}, p50 {report['latency']['p50_ms']} ms", flush=True)
             del understander
     out = Path(args.output)
@@ -92,10 +94,6 @@ def main() -> None:
     plot(record, out / f"{args.name}.png")
 
 
-def _f(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def markdown(record: dict) -> str:
     offered = "the functions of each dialogue's services" if record.get("dialogue_services") else "all functions"
     lines = [f"# understand on SGD dev: {record['limit']} dialogues, by training step (candidates from {offered})", "",
@@ -105,10 +103,10 @@ def markdown(record: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in record["points"]:
         a, s, u = p["groups"]["all"], p["groups"]["seen"], p["groups"]["unseen"]
-        lines.append(f"| {p['step']} | {p['examples_seen']} | {a['turns']} | {_f(a['function_accuracy'])} | "
-                     f"{_f(u['function_accuracy'])} | {_f(a['none_accuracy'])} | {_f(a['slot_f1'])} | "
-                     f"{_f(a['exact_call'])} | {_f(a['joint_goal_accuracy'])} | {_f(s['joint_goal_accuracy'])} | "
-                     f"{_f(u['joint_goal_accuracy'])} | {p['latency']['p50_ms']} | {p['latency']['p95_ms']} |")
+        lines.append(f"| {p['step']} | {p['examples_seen']} | {a['turns']} | {cell(a['function_accuracy'])} | "
+                     f"{cell(u['function_accuracy'])} | {cell(a['none_accuracy'])} | {cell(a['slot_f1'])} | "
+                     f"{cell(a['exact_call'])} | {cell(a['joint_goal_accuracy'])} | {cell(s['joint_goal_accuracy'])} | "
+                     f"{cell(u['joint_goal_accuracy'])} | {p['latency']['p50_ms']} | {p['latency']['p95_ms']} |")
     last = record["points"][-1]
     stages = "; ".join(f"{k} p50 {v['p50_ms']} ms" for k, v in last.get("latency_by_stage", {}).items())
     lines += ["", f"Latency by stage (last row): {stages}.", ""]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 
 from dialogtune.errors import ConfigError, DataError, RunError
 from dialogtune.infer import ChatModel, load_chat_model
+from dialogtune.retrieval.findk import nearest_rank
 from dialogtune.state import Call, DialogueState
 from dialogtune.tasks.understand import NONE, NULL, UnderstandPrompts, argument_options, argument_question
 from dialogtune.tokenize import token_counter
@@ -231,11 +231,8 @@ def understand_conversation(understander: Understander, turns: Iterable[tuple[st
 
 
 def latency(seconds: Sequence[float]) -> dict[str, float | None]:
-    if not seconds:
-        return {"p50_ms": None, "p95_ms": None}
-    ordered = sorted(seconds)
-    return {"p50_ms": round(statistics.median(ordered) * 1000, 1),
-            "p95_ms": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000, 1)}
+    """p50 and p95 in milliseconds, by the nearest-rank rule findk uses."""
+    return {f"p{p}_ms": None if not seconds else round(nearest_rank(seconds, p) * 1000, 1) for p in (50, 95)}
 
 
 def run_batch(understander: Understander, source: Path, output: Path | None) -> dict[str, Any]:

@@ -163,7 +163,8 @@ def evaluate_understanding(understander: Understander, dialogues: Iterable[Dialo
     return report
 
 
-def _fmt(value: float | None) -> str:
+def cell(value: float | None) -> str:
+    """A metric as a Markdown table shows it: 3 decimals, a dash for none."""
     return "–" if value is None else f"{value:.3f}"
 
 
@@ -172,9 +173,9 @@ def markdown(report: dict[str, Any], worst: list[dict]) -> str:
              "| group | turns | function acc | none acc | slot P | slot R | slot F1 | exact call | JGA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["groups"].items():
-        lines.append(f"| {name} | {s['turns']} | {_fmt(s['function_accuracy'])} | {_fmt(s['none_accuracy'])} | "
-                     f"{_fmt(s['slot_precision'])} | {_fmt(s['slot_recall'])} | {_fmt(s['slot_f1'])} | "
-                     f"{_fmt(s['exact_call'])} | {_fmt(s['joint_goal_accuracy'])} |")
+        lines.append(f"| {name} | {s['turns']} | {cell(s['function_accuracy'])} | {cell(s['none_accuracy'])} | "
+                     f"{cell(s['slot_precision'])} | {cell(s['slot_recall'])} | {cell(s['slot_f1'])} | "
+                     f"{cell(s['exact_call'])} | {cell(s['joint_goal_accuracy'])} |")
     lat = report["latency"]
     by_stage = "; ".join(f"{name} p50 {spent['p50_ms']} ms" for name, spent in report.get("latency_by_stage", {}).items())
     lines += ["", f"Latency per user turn (retrieval + both stages): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms"
