@@ -233,11 +233,11 @@ def cmd_understand(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from dialogtune.retrieval.schemas import load_functions, write_tools_json
+    from dialogtune.retrieval.schemas import load_functions, service_of, write_tools_json
 
     functions = load_functions(Path(path) for path in args.schemas)
     write_tools_json(functions, Path(args.output))
-    services = {function.service or function.name for function in functions}  # a plain tool is its own service
+    services = {service_of(function.name) for function in functions}
     print(f"wrote {len(functions)} functions from {len(services)} services to {args.output}")
     return 0
 

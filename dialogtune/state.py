@@ -19,13 +19,7 @@ from typing import Any
 
 from dialogtune.dialogue import Dialogue
 from dialogtune.retrieval.exemplars import NO_INTENT
-from dialogtune.retrieval.schemas import SERVICE_SEPARATOR, sgd_function_name
-
-
-def service_of(function: str) -> str:
-    """The part of a function name its slot values belong to: the SGD service, or the name."""
-    service, separator, _ = function.partition(SERVICE_SEPARATOR)
-    return service if separator else function
+from dialogtune.retrieval.schemas import service_of, sgd_function_name
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from dialogtune.errors import ConfigError, DataError
 from dialogtune.files import write_json, write_jsonl, write_text
 from dialogtune.readers._io import base_suffix, iter_jsonl
 from dialogtune.retrieval.fusion import fuse
+from dialogtune.retrieval.schemas import service_of
 
 SEARCHES = ("descriptions", "exemplars_dense", "exemplars_keyword", "exemplars", "hybrid")
 SHOWN = ("descriptions", "exemplars", "hybrid")  # in the Markdown and the plot; the JSON has all
@@ -109,10 +110,6 @@ def check_queries(index, queries: Sequence[Query], drop_seen: bool = False) -> t
                         f"{unknown[0].function!r}: index the schema that defines them too")
     seen_texts = {q.utterance for q in seen}
     return [q for q in queries if q.utterance not in seen_texts], len(seen)
-
-
-def service_of(function) -> str:
-    return function.service or function.name  # a plain tool is its own service
 
 
 def _lists(hits, k: int, fusion: str, with_exemplars: bool) -> dict[str, list[tuple[str, float]]]:
@@ -186,11 +183,11 @@ def find_k(index, queries: Sequence[Query], max_k: int = 16, target: float = 0.9
     fuse([], fusion)  # an unknown rule fails here, before any search
     started = time.perf_counter()
     queries, dropped = check_queries(index, queries, drop_seen)
-    seen_services = {service_of(index.by_name[e.function]) for e in index.exemplars}
+    seen_services = {service_of(e.function) for e in index.exemplars}
     outcomes, misses = [], []
     for query in tqdm(queries, desc="findk", unit="query", disable=not progress):
         outcome = score_query(index, query, max_k, fusion, max_exemplars)
-        outcome["group"] = "seen" if service_of(index.by_name[query.function]) in seen_services else "unseen"
+        outcome["group"] = "seen" if service_of(query.function) in seen_services else "unseen"
         outcomes.append(outcome)
         if outcome["rank"]["hybrid"] is None:
             misses.append({"utterance": query.utterance, "function": query.function, "group": outcome["group"],

@@ -65,6 +65,13 @@ class Function:
         return next((p for p in self.parameters if p.name == name), None)
 
 
+def service_of(function: str) -> str:
+    """The part of a function name its slot values belong to: the SGD service, or the whole name
+    (a plain tool is its own service)."""
+    service, separator, _ = function.partition(SERVICE_SEPARATOR)
+    return service if separator else function
+
+
 def sgd_function_name(service: str, intent: str) -> str:
     return f"{service}{SERVICE_SEPARATOR}{intent}"
 

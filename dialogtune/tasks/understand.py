@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dialogtune.dialogue import Dialogue, Reject
+from dialogtune.retrieval.schemas import service_of
 from dialogtune.state import sgd_user_turns
 from dialogtune.tasks import Example, message
 
@@ -124,7 +125,7 @@ class UnderstandPrompts:
         per dialogue, as DSTC8 evaluates); None: every function of the index."""
         if not self.dialogue_services or not services:
             return None
-        return {f.name for f in self.index.functions if f.service in services or f.name in services}
+        return {f.name for f in self.index.functions if service_of(f.name) in services}
 
     def offered(self, utterance: str, in_progress: str | None, exclude_group: str | None = None,
                 vectors=None, forced: str | None = None, allowed: set[str] | None = None) -> list[Offered]:
