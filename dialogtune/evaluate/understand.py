@@ -30,6 +30,7 @@ from typing import Any
 
 from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.files import write_json, write_text
+from dialogtune.retrieval.exemplars import categorical_slots
 from dialogtune.state import service_of, sgd_user_turns
 from dialogtune.understand import Conversation, Understander, latency
 
@@ -78,11 +79,6 @@ class Tally:
                 "goal_turns": len(self.goal_scores)}
 
 
-def _categorical(dialogue: Dialogue, service: str) -> set[str]:
-    schema = dialogue.meta.get("schemas", {}).get(service, {})
-    return {slot["name"] for slot in schema.get("slots", []) if slot.get("is_categorical")}
-
-
 def score_dialogue(understander: Understander, dialogue: Dialogue, seen_services: set[str],
                    tallies: dict[str, Tally], worst: list[dict], seconds: list[float],
                    stages: dict[str, list[float]] | None = None) -> None:
@@ -101,7 +97,7 @@ def score_dialogue(understander: Understander, dialogue: Dialogue, seen_services
         service = gold.service or (service_of(gold.function) if gold.function else None)
         group = "seen" if service in seen_services else "unseen"
         held = conversation.state.values.get(service, {}) if service else {}
-        categorical = _categorical(dialogue, service) if service else set()
+        categorical = categorical_slots(dialogue, service) if service else set()
         slots = {slot: value_score(held.get(slot), values, slot in categorical) for slot, values in gold.state.items()}
         extra = [slot for slot in held if slot not in gold.state]
         right = sum(score == 1.0 for score in slots.values())

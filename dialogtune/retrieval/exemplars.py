@@ -92,7 +92,7 @@ def _span_values(turn: Turn, frame: dict) -> list[tuple[str, str]] | None:
     return values
 
 
-def _categorical_slots(dialogue: Dialogue, service: str) -> set[str]:
+def categorical_slots(dialogue: Dialogue, service: str) -> set[str]:
     schema = dialogue.meta.get("schemas", {}).get(service)
     if schema is None:
         raise DataError(f"{dialogue.source}: dialogue {dialogue.id}: service {service!r} has no schema "
@@ -125,7 +125,7 @@ def dialogue_exemplars(dialogue: Dialogue, stats: ExtractionStats) -> list[Exemp
             else:
                 template, reason = build_template(turn.text, spans)
                 arguments = dict(spans)
-            for slot in sorted(_categorical_slots(dialogue, service)):
+            for slot in sorted(categorical_slots(dialogue, service)):
                 if values.get(slot) and values[slot] != last_values.get(slot):
                     arguments[slot] = values[slot][0]
             if template is None:
