@@ -4,9 +4,9 @@
     dialogtune inspect PREPARED_DIR [--index N] [--split validation]
     dialogtune train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
     dialogtune export RUN_DIR --merge [-o DIR]
-    dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N]
+    dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N] [--memory FILE [--summary-model MODEL]]
     dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
-    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY] [--index DIR]
+    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY] [--index DIR] [--memory-dir DIR]
     dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
     dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
     dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
@@ -148,7 +148,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     return run_chat(args.model, sampling=sampling_from_flags(args), speaker_as=args.speaker_as, user=args.user,
                     system=args.system, play=args.play, reuse_cache=not args.no_cache,
-                    load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
+                    load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
+                    memory=Path(args.memory) if args.memory else None, summary_model=args.summary_model)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -162,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dialogtune.serve import run_serve
 
     return run_serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_id=args.model_id,
-                     queue_size=args.queue, timeout=args.timeout, index=args.index)
+                     queue_size=args.queue, timeout=args.timeout, index=args.index, memory_dir=args.memory_dir)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -332,14 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="output directory (default RUN/merged)")
     p = sub.add_parser("chat", help="talk to a trained run (or any chat model) in the terminal")
     p.add_argument("model", help="a run directory, its final/ or merged/, or a model name/path")
-    p.add_argument("--as", dest="speaker_as", help="the character the model speaks as (transcript runs)")
-    p.add_argument("--user", default="User", help="your name in the conversation (default User)")
+    p.add_argument("--as", dest="speaker_as",
+                   help="the character the model speaks as (transcript runs; memory runs: default their second speaker)")
+    p.add_argument("--user", help="your name in the conversation (default User; memory runs: their first speaker)")
     p.add_argument("--system", help="a system prompt / persona (default: the one used in training)")
     _sampling_flags(p, temperature=0.7, max_new_tokens=128)
     p.add_argument("--play", type=int, default=0, metavar="N", help="N turns against a scripted user, then exit")
     p.add_argument("--no-cache", action="store_true", help="re-read the whole conversation every turn")
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--memory", metavar="FILE",
+                   help="keep the chat in FILE, saved after every turn and loaded when it exists: a memory run's"
+                        " memory, or any other model's conversation (earlier sessions summarised once it no longer"
+                        " fits the context)")
+    p.add_argument("--summary-model", metavar="MODEL",
+                   help="with --memory on a model that is not a memory run: who writes the summaries (a summarize"
+                        " run or any chat model; default the chat model itself)")
     p = sub.add_parser("generate", help="replies for a JSONL of conversations or a prepared validation split")
     p.add_argument("model", help="a run directory, its final/ or merged/, or a model name/path")
     p.add_argument("--input", required=True, help="JSONL with 'messages', or a prepared dataset directory")
@@ -356,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
     p.add_argument("--index", help="an understand run's retrieval index (default: the one it was trained with)")
+    p.add_argument("--memory-dir", help="memory runs: where each user's memory is kept (default RUN/memories)")
     p = sub.add_parser("eval", help="evaluate by generation: BLEU/ROUGE/distinct/perplexity, report.json and .md")
     p.add_argument("model", nargs="?", help="a run directory or a model name/path")
     p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")

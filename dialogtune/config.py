@@ -44,8 +44,8 @@ class Rounds(Strict):
 
 
 class TaskConfig(Strict):
-    name: Literal["respond", "summarize", "understand"] = "respond"
-    speakers_as: list[str] | None = Field(default=None, alias="as")  # respond: who the model speaks as
+    name: Literal["respond", "summarize", "understand", "memory"] = "respond"
+    speakers_as: list[str] | None = Field(default=None, alias="as")  # respond, memory: who the model speaks as
     context: Literal["full"] | Rounds = "full"  # respond: whole dialogues, or N previous turns
     system_prompt: str | None = None
 
@@ -139,6 +139,15 @@ class EvalConfig(Strict):
         return self
 
 
+class MemoryConfig(Strict):
+    """task: memory: the memory model and its recurrent training (dialogtune.train.recurrent)."""
+
+    slots: int = Field(default=16, ge=0)  # memory slots; 0 = the same model without memory (a baseline)
+    window: int = Field(default=128, ge=0)  # history tokens each turn's step reads besides the memory
+    time_horizon: int = Field(default=4, ge=1)  # timesteps per truncated-BPTT window (one optimizer step)
+    reset: Literal["dialogue", "session"] = "dialogue"  # when a stream's memory starts afresh
+
+
 class TrainJobConfig(PrepareConfig):
     """A whole job: the prepare sections plus how to train. `train:` goes to
     transformers.TrainingArguments unchanged (learning_rate, num_train_epochs, max_steps, ...)."""
@@ -153,6 +162,7 @@ class TrainJobConfig(PrepareConfig):
     resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
     max_bad_steps: int = Field(default=3, ge=1)  # non-finite steps in a row before the run stops
     samples: int = Field(default=2, ge=0)  # replies generated from validation prompts at the end
+    memory: MemoryConfig = MemoryConfig()  # task: memory
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

@@ -149,6 +149,11 @@ def load_prompting(name: str) -> Prompting:
 
     final = find_run_info(Path(name)) if Path(name).exists() else None
     info = RunInfo.load(final) if final else None
+    if info is not None and info.memory:  # its adapter alone, without the memory, is another model
+        raise ModelError(f"{name} is a memory run (task: memory): each turn is read with its memory, which"
+                         " `generate` and `eval` do not keep. Talk to it with `dialogtune chat"
+                         f" {name} --memory FILE` or `dialogtune serve {name}`; its validation perplexity per"
+                         " session is in summary.json (and benchmarks/memory_msc.py compares it)")
     location = str(final) if final else resolve(name)
     tokenizer = load_tokenizer(location)
     if not tokenizer.chat_template:

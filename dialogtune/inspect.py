@@ -61,6 +61,9 @@ def inspect(directory: Path, index: int = 0, split: str = "train", colour: bool 
     dataset = datasets.load_from_disk(str(path))
     if len(dataset) == 0:
         raise DataError(f"{path}: the split is empty")
+    colour = sys.stdout.isatty() if colour is None else colour
+    if manifest.task == "memory":
+        return inspect_dialogue(dataset, index, split, load_tokenizer(manifest.model), colour)
     row, start, end, total = locate(dataset, index)
     record = dataset[row]
     ids = np.asarray(record["input_ids"][start:end])
@@ -69,7 +72,6 @@ def inspect(directory: Path, index: int = 0, split: str = "train", colour: bool 
     bounds = example_bounds(record["position_ids"])
     member = bounds.index((start, end))
     tokenizer = load_tokenizer(manifest.model)
-    colour = sys.stdout.isatty() if colour is None else colour
     header = (
         f"{split} example {index} of {total} (dialogue {record['dialogue_ids'][member]}, row {row},"
         f" {len(bounds)} example(s) in the row)\n"
@@ -79,3 +81,24 @@ def inspect(directory: Path, index: int = 0, split: str = "train", colour: bool 
         + "\n" + "-" * 72
     )
     return header + "\n" + render_marked(tokenizer, ids, trained, colour)
+
+
+def inspect_dialogue(dataset, index: int, split: str, tokenizer, colour: bool) -> str:
+    """A memory preparation's index-th dialogue: every turn as its step reads it (prefix) and
+    learns it (text, marked when trained); the history window is cut at training time."""
+    if not 0 <= index < len(dataset):
+        raise DataError(f"--index {index} is out of range: this split has {len(dataset)} dialogues"
+                        f" (0..{len(dataset) - 1})")
+    record = dataset[index]
+    pieces, tokens, trained_tokens = [], 0, 0
+    for prefix, text, trained in zip(record["prefix_ids"], record["text_ids"], record["trained"]):
+        marks = np.asarray([False] * len(prefix) + [trained] * len(text))
+        pieces.append(render_marked(tokenizer, np.asarray(prefix + text), marks, colour))
+        tokens += len(prefix) + len(text)
+        trained_tokens += len(text) if trained else 0
+    header = (f"{split} dialogue {index} of {len(dataset)} ({record['dialogue_id']}): {len(record['trained'])} turns"
+              f" in {max(record['sessions'])} session(s)\n"
+              f"tokens: {tokens}   trained: {trained_tokens} ({trained_tokens / max(tokens, 1):.1%})   task: memory"
+              " (each turn is one step: the last memory.window tokens before it, its prefix, its text)\n"
+              + ("trained tokens in green" if colour else "trained tokens in [[double brackets]]") + "\n" + "-" * 72)
+    return header + "\n" + "".join(pieces)

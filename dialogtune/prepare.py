@@ -70,7 +70,10 @@ def _data_files(paths: list[str]) -> list[Path]:
 
 def fingerprint(config: PrepareConfig, tokenizer_id: str, template: ChatTemplate) -> str:
     digest = hashlib.sha256()
-    settings = config.model_dump(mode="json", by_alias=True, exclude={"output", "strict"})
+    # Only what preparing reads: a training job's other sections (learning rate, memory, run_dir)
+    # must not make a new preparation of the same data.
+    prepare_keys = set(PrepareConfig.model_fields) - {"output", "strict"}
+    settings = config.model_dump(mode="json", by_alias=True, include=prepare_keys)
     digest.update(json.dumps([dialogtune.__version__, OUTPUT_FORMAT, settings], sort_keys=True).encode())
     digest.update(tokenizer_id.encode())
     digest.update(json.dumps([template.name, template.source, template.end_of_turn]).encode())
@@ -169,8 +172,11 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             raise DataError(f"{path}: no such file or directory")
     require_tool_calls(config)
     tokenizer = load_tokenizer(config.model.name)
-    template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn,
-                                tools=config.task.tool_calls)
+    if config.task.name == "memory":  # turns as token pieces, no chat template
+        from dialogtune.prepare_memory import TEMPLATE as template
+    else:
+        template = resolve_template(config.template.name, tokenizer, config.template.end_of_turn,
+                                    tools=config.task.tool_calls)
     import datasets  # noqa: F401  (a second of imports, pandas included: not preparation work)
 
     started = time.perf_counter()  # preparation proper: loading libraries and the tokenizer is not part of it
@@ -191,6 +197,15 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
         print_warnings(stats)  # still true of the data: said again, not only the first time
         return Prepared(out, stats, True)
+    if config.task.name == "memory":
+        from dialogtune.prepare_memory import prepare_memory
+
+        stats, _ = prepare_memory(config, tokenizer, out, quiet=quiet, read_options=reader_options(config),
+                                  sampled=lambda dialogue: sampled(dialogue, config.data.sample),
+                                  manifest_of=lambda speakers: manifest(config, tokenizer, tokenizer_id, template,
+                                                                        key, speakers))
+        print_warnings(stats)
+        return Prepared(out, stats, False)
     require_targets(config)
     prompts = understand_prompts(config, tokenizer)
     tool_stats = ToolCallStats()

@@ -121,6 +121,8 @@ class RunInfo:
     instruction: str | None = None  # summarize: the instruction prompts were built with
     # understand: how prompts were built (index, candidates, exemplars, rounds), so use builds the same
     understand: dict[str, Any] | None = None
+    # memory: the memory model and the window each turn reads ({kind, slots, window, time_horizon, reset})
+    memory: dict[str, Any] | None = None
 
     def save(self, directory: Path) -> None:
         write_json(Path(directory) / RUN_INFO_FILE, dataclasses.asdict(self))

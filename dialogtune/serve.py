@@ -13,7 +13,9 @@ chat page). A message's `content` is a string or a list of text parts. Prompts a
 with the run's training template. One reply is generated at a time; up to `--queue` requests
 wait, more get a 503. Binds to 127.0.0.1 unless told otherwise. A run trained on the understand
 task is served as a function-calling model: requests carry OpenAI `tools` and `tool_choice` and
-are answered with `tool_calls` (dialogtune.serve_tools).
+are answered with `tool_calls` (dialogtune.serve_tools). A memory run (`task: memory`) keeps one
+memory per request `user`, on disk under `--memory-dir` (dialogtune.serve_memory: which of a
+request's messages are read, and when a new session starts).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 
-from dialogtune.errors import ConfigError
+from dialogtune.errors import ConfigError, DialogtuneError
 from dialogtune.infer import ChatModel, Conversation, Sampling
+from dialogtune.memory.conversation import MemoryRun
+from dialogtune.serve_memory import MemoryReplier, default_memory_dir, reply_room
 from dialogtune.serve_tools import (
     Cancelled,
     OpenAIMessage,
@@ -63,6 +67,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
+    user: str | None = None  # a memory run keeps one memory per user
 
 
 class ApiError(Exception):
@@ -143,6 +148,21 @@ def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) ->
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
+def check_memory_request(run: MemoryRun, model_id: str, request: CompletionRequest) -> int:
+    """As check_request, for a memory run: the prompt is the memory and a fixed window, so only
+    the reply's length can be too long."""
+    check_model(request.model, model_id)
+    if request.messages[-1].role != "user":
+        raise ApiError(400, "the last message must be from the user", param="messages")
+    asked = request.max_completion_tokens or request.max_tokens
+    room = reply_room(run)
+    if asked is not None and asked > room:
+        flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{flag}={asked} exceeds what this memory model can generate in one turn ({room})",
+                       param=flag)
+    return asked or min(DEFAULT_MAX_TOKENS, room)
+
+
 def validated(kind: type[BaseModel], data: Any) -> Any:
     try:
         return kind.model_validate(data)
@@ -153,12 +173,14 @@ def validated(kind: type[BaseModel], data: Any) -> Any:
         raise ApiError(400, f"{where}: {said}", param=where) from None
 
 
-def create_app(model: ChatModel | Understander, model_id: str, api_key: str | None = None, queue_size: int = 8,
-               timeout: float = 120.0):
-    """`model`: a chat model, or an understand run answering with tool calls."""
+def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_key: str | None = None,
+               queue_size: int = 8, timeout: float = 120.0, memory_dir: Path | None = None):
+    """`model`: a chat model, an understand run answering with tool calls, or a memory run
+    keeping each user's memory in `memory_dir` (default RUN/memories)."""
     app = FastAPI(title="dialogtune", docs_url=None, redoc_url=None)
     caller = ToolCaller(model) if isinstance(model, Understander) else None
-    chat = model.chat if isinstance(model, Understander) else model
+    memory = MemoryReplier(model, memory_dir or default_memory_dir(model)) if isinstance(model, MemoryRun) else None
+    chat = model.chat if isinstance(model, Understander) else None if memory else model
     generator = Generator(chat, queue_size, timeout)
     page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
 
@@ -202,6 +224,8 @@ def create_app(model: ChatModel | Understander, model_id: str, api_key: str | No
         if caller is not None:
             return await tool_completion(validated(ToolCompletionRequest, data))
         body = validated(CompletionRequest, data)
+        if memory is not None:
+            return await memory_completion(body)
         max_tokens = check_request(chat, model_id, body)
         generator.admit()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -257,6 +281,42 @@ def create_app(model: ChatModel | Understander, model_id: str, api_key: str | No
                 yield "[DONE]"
             finally:  # also when sse-starlette cancels this on a disconnect: the reply is no longer wanted
                 client_gone.set()
+
+        return EventSourceResponse(events(), ping=PING_SECONDS)
+
+    async def memory_completion(body: CompletionRequest):
+        max_tokens = check_memory_request(memory.run, model_id, body)
+        sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p, max_new_tokens=max_tokens)
+        messages = [(m.role, m.content) for m in body.messages if m.role != "system"]
+        generator.admit()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        def work():
+            try:
+                return memory.answer(messages, body.user, {**sampling.generate_kwargs(), "max_time": timeout},
+                                     seed=body.seed)
+            finally:
+                generator.release()
+
+        # shielded: a request cancelled while it waits must still run `work`, which releases its place
+        try:
+            reply = await asyncio.shield(asyncio.get_running_loop().run_in_executor(generator.executor, work))
+        except DialogtuneError as err:  # a user's memory file this run cannot load (another run wrote it)
+            raise ApiError(500, str(err), "server_error") from None
+        if not body.stream:
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                              "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
+
+        async def events():  # generated whole: streamed as one piece
+            for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": reply.text}, None),
+                                  ({}, "stop")):
+                yield json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                  "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            yield "[DONE]"
 
         return EventSourceResponse(events(), ping=PING_SECONDS)
 
@@ -321,20 +381,32 @@ def is_understand_run(model: str) -> bool:
 
 
 def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0, index: str | None = None) -> int:
-    """`index`: an understand run's retrieval index (default: the one it was trained with)."""
+              model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0, index: str | None = None,
+              memory_dir: str | None = None) -> int:
+    """`index`: an understand run's retrieval index (default: the one it was trained with);
+    `memory_dir`: where a memory run keeps its users' memories (default RUN/memories)."""
     import uvicorn
 
     from dialogtune.infer import load_chat_model
+    from dialogtune.memory.conversation import is_memory_run, load_memory_run
     from dialogtune.understand import load_understander
 
-    understands = is_understand_run(model)
+    understands, remembers = is_understand_run(model), is_memory_run(model)
     if index is not None and not understands:
         raise ConfigError(f"--index is for understand runs; {model} is not one")
-    loaded = load_understander(model, index) if understands else load_chat_model(model)
+    if memory_dir is not None and not remembers:
+        raise ConfigError(f"--memory-dir is for memory runs (trained with task: memory); {model} is not one:"
+                          " serve it without --memory-dir")
+    if understands:
+        loaded = load_understander(model, index)
+    else:
+        loaded = load_memory_run(model) if remembers else load_chat_model(model)
     model_id = model_id or Path(model.rstrip("/")).name
-    app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout)
+    directory = (Path(memory_dir) if memory_dir else default_memory_dir(loaded)) if remembers else None
+    app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout, memory_dir=directory)
     what = "function calling: tools in, tool_calls out" if understands else "chat page at /"
+    if remembers:
+        what = f"one memory per request `user`, kept in {directory}; chat page at /"
     print(f"serving {model} as {model_id!r} on http://{host}:{port}  ({what}, OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

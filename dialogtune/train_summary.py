@@ -26,8 +26,12 @@ def finish_run(config: TrainJobConfig, summary: dict, *, quiet: bool = False) ->
     run, prepared = Path(summary["run_dir"]), Path(config.output)
     split = "validation" if (prepared / "validation").exists() else "train"
     instruction = config.task.instruction if config.task.name == "summarize" else None
-    summary["samples"] = sample_replies(run, prepared, split, config.samples, instruction, **quantization_of(config))
-    if config.eval.report and split == "validation":
+    if config.task.name == "memory":  # validation perplexity per session is its report
+        summary["samples"] = memory_samples(run, prepared, split, config.samples)
+    else:
+        summary["samples"] = sample_replies(run, prepared, split, config.samples, instruction,
+                                            **quantization_of(config))
+    if config.eval.report and split == "validation" and config.task.name != "memory":
         gc.collect()  # the samples' model, in reference cycles too: never two copies of the run in memory
         summary["eval_report"] = eval_report(config, run)
     write_json(run / "summary.json", summary)
@@ -70,6 +74,30 @@ def sample_replies(run: Path, prepared: Path, split: str, count: int, instructio
             for record, (reply, _), text in zip(records, replies, answered, strict=False)]
 
 
+def memory_samples(run: Path, prepared: Path, split: str, count: int) -> list[dict[str, str]]:
+    """Greedy replies of a memory run to the last trained turn of the first `count` dialogues of a
+    split, after reading every turn before it (all sessions) as chat would."""
+    if count == 0:
+        return []
+    import datasets
+
+    from dialogtune.memory.conversation import MemoryConversation, load_memory_run
+
+    loaded = load_memory_run(run)
+    rows = datasets.load_from_disk(str(prepared / split))
+    decode = loaded.tokenizer.decode
+    samples = []
+    for row in rows.select(range(min(count, len(rows)))):
+        last = max(i for i, trained in enumerate(row["trained"]) if trained)
+        conversation = MemoryConversation(loaded)
+        for turn in range(last):
+            conversation.read_tokens(row["prefix_ids"][turn], row["text_ids"][turn])
+        reply = conversation.reply_after(row["prefix_ids"][last], do_sample=False, max_new_tokens=SAMPLE_NEW_TOKENS)
+        context = decode(row["prefix_ids"][last - 1] + row["text_ids"][last - 1]) if last else ""
+        samples.append({"context": shorten(context), "reply": reply, "reference": decode(row["text_ids"][last]).strip()})
+    return samples
+
+
 def context_of(answered: str, instruction: str | None) -> str:
     """What a person needs to judge the reply: the message answered, less the summarize task's
     instruction (its user message is the instruction, a newline, then the dialogue)."""
@@ -100,6 +128,11 @@ def summary_text(summary: dict) -> str:
          f" skipped steps {summary['skipped_steps']}"),
         f"run: {summary['run_dir']}   model: {summary['final']}   plot: {Path(summary['run_dir']) / 'loss.png'}",
     ]
+    if summary.get("eval_after"):  # memory runs: validation perplexity per session, before -> after
+        sessions = sorted(k for k in summary["eval_after"] if k.startswith("eval_perplexity_session_"))
+        lines.insert(1, "validation perplexity by session: " + ", ".join(
+            f"{k.rsplit('_', 1)[-1]}: {summary['eval_before'].get(k, float('nan')):.2f} -> {summary['eval_after'][k]:.2f}"
+            for k in sessions))
     for sample in summary["samples"]:
         context = sample["context"].replace("\n", "\n" + " " * len("  user: "))  # a dialogue's lines aligned
         lines.append(f"  user: {context}\n  model: {sample['reply']}\n  (reference: {sample['reference']})")

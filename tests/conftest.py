@@ -140,3 +140,12 @@ def tiny_understand_run(tmp_path_factory, byte_tokenizer, tiny_embedder_dir):
     }, schema=TrainJobConfig)
     train(config, quiet=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def memory_run_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny memory run (task: memory, LoRA, 4 slots) trained for six steps on the MSC fixture.
+    Shared: tests that write memories give their own directories."""
+    from helpers import tiny_memory_run
+
+    return tiny_memory_run(tmp_path_factory.mktemp("tiny-memory"), tiny_model_dir)

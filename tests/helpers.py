@@ -95,3 +95,22 @@ def load_without_dialogtune(run: Path, auto_class):
     info = json.loads((run / "final" / "dialogtune.json").read_text())
     model = PeftModel.from_pretrained(auto_class.from_pretrained(info["base_model_path"]), str(run / "final"))
     return model.eval(), AutoTokenizer.from_pretrained(run / "final")
+
+
+def tiny_memory_run(directory: Path, model_dir: Path) -> Path:
+    """A tiny memory run (`task: memory`, 4 slots, a 16-token window, LoRA) trained for six steps
+    on the MSC fixture from `model_dir` (a tiny causal model); returns its run directory."""
+    from dialogtune.config import TrainJobConfig, build_config
+    from dialogtune.train.memory_run import train_memory
+
+    config = build_config({
+        "data": {"path": str(FIXTURES / "msc_parlai.jsonl")}, "task": {"name": "memory"},
+        "split": {"validation": 0.34, "seed": 0}, "model": {"name": str(model_dir)}, "max_length": 128,
+        "output": str(directory / "prepared"), "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "memory": {"slots": 4, "window": 16, "time_horizon": 3},
+        "train": {"max_steps": 6, "learning_rate": 0.01, "per_device_train_batch_size": 2, "logging_steps": 1,
+                  "warmup_steps": 0, "lr_scheduler_type": "constant", "report_to": []},
+        "eval": {"every": 3}, "run_dir": str(directory / "run"), "samples": 0,
+    }, schema=TrainJobConfig)
+    train_memory(config, quiet=True)
+    return directory / "run"

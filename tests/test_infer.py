@@ -130,3 +130,11 @@ def test_four_bit_loading_quantizes_as_qlora_training_did():
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
         "bnb_4bit_compute_dtype": torch.bfloat16}
     assert quantization_options(load_in_8bit=True, load_in_4bit=False) == {"load_in_8bit": True}
+
+
+def test_a_memory_run_is_not_loaded_as_a_plain_model(memory_run_dir):
+    from dialogtune.errors import ModelError
+    from dialogtune.infer import load_chat_model
+
+    with pytest.raises(ModelError, match=r"is a memory run \(task: memory\).*--memory FILE"):
+        load_chat_model(str(memory_run_dir))

@@ -4,6 +4,8 @@ chat page in headless Chromium."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import shutil
 import socket
@@ -13,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from dialogtune.infer import Conversation, load_chat_model
 from dialogtune.serve import create_app
@@ -504,3 +507,122 @@ def test_answers_take_their_parameters_json_type_where_they_read_as_one(kind, te
     arguments = {"city": "São Paulo", "x": typed}
     assert "".join(argument_pieces(arguments)) == json.dumps(arguments, ensure_ascii=False)
     assert argument_pieces({}) == ["{}"]
+
+
+# --- memory runs: one memory per `user`, kept on disk across requests and restarts ---------------
+
+
+@pytest.fixture(scope="module")
+def memory_run(memory_run_dir):
+    from dialogtune.memory.conversation import load_memory_run
+
+    return load_memory_run(memory_run_dir)
+
+
+@contextlib.contextmanager
+def memory_server(memory_run, directory):
+    url, handle, thread = start_server(create_app(memory_run, "mem", memory_dir=directory))
+    try:
+        yield url
+    finally:
+        handle.should_exit = True
+        thread.join(timeout=10)
+
+
+SAMPLED = {"model": "mem", "temperature": 1.0, "seed": 0, "max_tokens": 4}  # greedy replies of the tiny run are empty
+ALICE = ["My bees made honey today.", "The lavender ones taste best.", "Shall I send you a jar?"]
+BOB = ["My night bus broke down.", "The depot fixed it by dawn."]
+
+
+def talk(url: str, user: str | None, lines: list[str], history: list | None = None) -> list:
+    """Each line as the next user message of a growing conversation (as an OpenAI client sends it)."""
+    messages = list(history or [])
+    for line in lines:
+        messages.append({"role": "user", "content": line})
+        reply = client(url).chat.completions.create(messages=messages, **SAMPLED, **({"user": user} if user else {}))
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    return messages
+
+
+def as_served(conversation, messages: list[dict]):
+    """What the server does with `messages` (A speaks for the user, B replies), in process."""
+    for message in messages:
+        if message["role"] == "user":
+            conversation.read("A", message["content"])
+        else:
+            torch.manual_seed(0)
+            assert conversation.reply("B", do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                      max_new_tokens=4) == message["content"]
+    return conversation
+
+
+def test_each_user_keeps_their_own_memory_across_a_restart(memory_run, tmp_path):
+    from dialogtune.memory.conversation import MemoryConversation
+    from dialogtune.memory.users import UserMemories
+
+    store = UserMemories(memory_run, tmp_path / "memories")
+    with memory_server(memory_run, store.directory) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        alice, bob = pool.map(lambda who: talk(url, *who), [("alice", ALICE[:2]), ("bob", BOB)])
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted(
+        store.path_for(user).name for user in ("alice", "bob"))
+    saved = {user: MemoryConversation.load(memory_run, store.path_for(user)) for user in ("alice", "bob")}
+    for user, messages in (("alice", alice), ("bob", bob)):
+        expected = as_served(MemoryConversation(memory_run), messages)  # alone, in process
+        assert all(m["content"] for m in messages)
+        assert (saved[user].turns_read, saved[user].session, saved[user].notes["messages"]) == (4, 1, 3)
+        assert saved[user].turns == expected.turns
+        assert torch.allclose(saved[user].memory, expected.memory, atol=1e-6)
+    window = {user: memory_run.tokenizer.decode([i for t in saved[user].turns for i in t["text_ids"]])
+              for user in saved}
+    assert "lavender" in window["alice"] and "depot" not in window["alice"]
+    assert "depot" in window["bob"] and "lavender" not in window["bob"]
+    assert not torch.allclose(saved["alice"].memory, saved["bob"].memory)
+
+    with memory_server(memory_run, store.directory) as url:  # a new server over the same directory
+        alice = talk(url, "alice", ALICE[2:], history=alice)
+        renewed = talk(url, "alice", ["Hello again!"])  # a new conversation: a new session, the memory kept
+    after = MemoryConversation.load(memory_run, store.path_for("alice"))
+    expected = as_served(saved["alice"], alice[4:])  # the stored memory, taken on in process
+    expected.new_session()
+    as_served(expected, renewed)
+    assert (after.turns_read, after.session, after.notes["messages"]) == (8, 2, 1)
+    assert after.turns == expected.turns and torch.allclose(after.memory, expected.memory, atol=1e-6)
+    assert MemoryConversation.load(memory_run, store.path_for("bob")).turns_read == 4  # untouched
+
+
+def test_a_request_without_user_gets_a_fresh_memory_and_leaves_no_file(memory_run, tmp_path):
+    from dialogtune.memory.conversation import MemoryConversation
+
+    with memory_server(memory_run, tmp_path / "memories") as url:
+        messages = talk(url, None, BOB[:1])
+        again = talk(url, None, BOB[:1])
+        streamed = list(client(url).chat.completions.create(messages=messages[:1], stream=True, **SAMPLED))
+        with pytest.raises(openai.BadRequestError, match="max_tokens=100000 exceeds what this memory model"):
+            client(url).chat.completions.create(model="mem", messages=HELLO, max_tokens=100_000)
+        with pytest.raises(openai.BadRequestError, match="the last message must be from the user"):
+            client(url).chat.completions.create(model="mem", messages=messages)
+    assert not (tmp_path / "memories").exists()
+    assert again == messages  # nothing carried from one request to the next
+    as_served(MemoryConversation(memory_run), messages)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == messages[1]["content"]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_memory_file_another_run_wrote_is_refused_by_name(memory_run, tmp_path):
+    from dialogtune.memory.conversation import MemoryConversation
+    from dialogtune.memory.users import UserMemories
+
+    store = UserMemories(memory_run, tmp_path)
+    MemoryConversation(dataclasses.replace(memory_run, identity="0" * 24)).save(store.path_for("carol"))
+    with memory_server(memory_run, tmp_path) as url:
+        with pytest.raises(openai.InternalServerError, match="this memory was written by another model"):
+            client(url).chat.completions.create(user="carol", messages=HELLO, **SAMPLED)
+        assert talk(url, "dave", ALICE[:1])[1]["content"]  # other users are served
+
+
+def test_memory_dir_is_refused_for_a_run_without_memory(tiny_run, tmp_path):
+    from dialogtune.errors import ConfigError
+    from dialogtune.serve import run_serve
+
+    with pytest.raises(ConfigError, match="--memory-dir is for memory runs .* serve it without --memory-dir"):
+        run_serve(str(tiny_run), memory_dir=str(tmp_path))

@@ -52,7 +52,10 @@ RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "templat
 
 def run_identity(config: TrainJobConfig) -> dict[str, Any]:
     dump = config.model_dump(mode="json", by_alias=True)
-    return {key: dump[key] for key in RUN_IDENTITY}
+    identity = {key: dump[key] for key in RUN_IDENTITY}
+    if config.task.name == "memory":  # the memory's shape and window are part of what was trained
+        identity["memory"] = dump["memory"]
+    return identity
 
 
 def check_run_dir(run: Path, config: TrainJobConfig, overwrite: bool, resume: bool) -> None:
@@ -107,6 +110,10 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     """Train and save the run; return its summary (also written to summary.json). A run stopped
     by a signal returns {interrupted, step, checkpoint}; processes other than the main one
     of a multi-process run return {steps} alone."""
+    if config.task.name == "memory":  # streams of whole dialogues, not batches of examples
+        from dialogtune.train.memory_run import train_memory
+
+        return train_memory(config, overwrite=overwrite, resume=resume, quiet=quiet)
     from accelerate import PartialState
 
     started = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Memory models: a fixed-size learned memory carried across turns and sessions."""
