@@ -23,6 +23,7 @@ summary, written by the model itself or by `--summary-model` (a summarize run, o
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Iterator
@@ -307,12 +308,12 @@ def run_summary_chat(chat: ChatModel, memory: Path, conversation: Conversation, 
           f" {by} when the conversation no longer fits; /help for commands", flush=True)
     print(talk.where(), flush=True)
     for line in said_lines(user, play, talk, sampling):
+        before = copy.deepcopy(talk.memory)
         talk.memory.add("user", line, user)
         try:
             notes = talk.make_room(sampling.max_new_tokens)
         except DialogtuneError as err:
-            talk.memory.current.pop()  # unanswered: the user may say something shorter
-            talk.keep()  # what was summarised stays summarised
+            talk.memory = before  # unanswered, and nothing dropped for it: the user may say something shorter
             print(err, flush=True)
             continue
         talk.keep()  # saved before the reply: a crash while generating still keeps what you said

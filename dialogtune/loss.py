@@ -27,8 +27,13 @@ def core_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def transforms_logits(config) -> bool:
+    """Whether a model changes its logits after the output layer (soft-capping, scaling)."""
+    return any(getattr(config, a, None) for a in _LOGIT_TRANSFORMS)
+
+
 def needs_full_logits(core) -> bool:
-    return core.config.is_encoder_decoder or any(getattr(core.config, a, None) for a in _LOGIT_TRANSFORMS)
+    return core.config.is_encoder_decoder or transforms_logits(core.config)
 
 
 # Positions x vocabulary per chunk: 64M fp32 logits (256 MB) at a time, whatever the vocabulary.

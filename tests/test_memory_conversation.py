@@ -120,3 +120,24 @@ def test_a_saved_state_loads_whole_and_only_into_its_run(run, tmp_path):
     (tmp_path / "junk.mem").write_bytes(b"not safetensors")
     with pytest.raises(RunError, match="junk.mem: not a dialogtune memory file"):
         MemoryConversation.load(run, tmp_path / "junk.mem")
+
+
+def test_the_model_speaks_as_a_speaker_it_was_trained_as(run):
+    assert dataclasses.replace(run, trained_as=["A"]).person_and_model == ("B", "A")
+    assert dataclasses.replace(run, trained_as=[]).person_and_model == ("A", "B")
+
+
+def test_a_run_trained_to_reset_each_session_starts_each_session_afresh(run):
+    def talk(conversation, drop_memory_at_session=False):
+        conversation.read("A", LINES[0])
+        conversation.read("B", LINES[1])
+        conversation.new_session("2 days")
+        if drop_memory_at_session:
+            conversation.memory = None
+        conversation.read("A", LINES[2])
+        return conversation.memory
+
+    resetting = talk(MemoryConversation(dataclasses.replace(run, reset_each_session=True)))
+    carrying = talk(MemoryConversation(run))
+    by_hand = talk(MemoryConversation(run), drop_memory_at_session=True)
+    assert torch.equal(resetting, by_hand) and not torch.allclose(resetting, carrying)

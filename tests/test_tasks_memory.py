@@ -35,3 +35,8 @@ def test_as_limits_the_trained_speakers_and_a_dialogue_without_them_is_counted_u
 def test_a_dialogue_without_sessions_is_one_session_without_session_lines():
     steps = memory_steps(Dialogue("d", [Turn("x", "one"), Turn("y", "two")]), None)
     assert [(s.prefix, s.session) for s in steps] == [("x:", 1), ("y:", 1)]
+
+
+def test_a_newline_inside_a_turn_does_not_end_it():
+    steps = memory_steps(Dialogue("d", [Turn("x", "first line\nsecond line")]), None)
+    assert steps[0].text == " first line second line\n"

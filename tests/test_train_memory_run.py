@@ -42,7 +42,7 @@ def test_a_memory_run_learns_and_leaves_a_loadable_run(tmp_path, tiny_model_dir)
     info = json.loads((run / "final" / "dialogtune.json").read_text())
     assert info["task"] == "memory"
     assert info["memory"] == {"kind": "causal", "slots": 4, "window": 16, "time_horizon": 3, "reset": "dialogue",
-                              "speakers": ["A", "B"]}
+                              "speakers": ["A", "B"], "as": []}
     assert {"adapter_model.safetensors", "memory.safetensors", "memory.json"} <= {
         p.name for p in (run / "final").iterdir()}
     assert json.loads((run / "run.json").read_text())["identity"]["memory"]["slots"] == 4
@@ -97,3 +97,14 @@ def test_the_train_command_shows_memory_samples_and_perplexity_by_session(tmp_pa
     assert sample["reference"] and sample["context"].startswith(("A:", "B:", "[session"))
     printed = capsys.readouterr().out
     assert "validation perplexity by session: 1: " in printed and "3: " in printed
+
+
+def test_a_model_without_the_positions_a_step_needs_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(RunError, match=r"needs 572 positions \(2 x memory.slots \(4\) \+ memory.window \(500\) \+"
+                                       r" max_length \(64\)\), and .* has 512; lower memory.window or max_length"):
+        train(memory_job(tmp_path, tiny_model_dir, memory={"window": 500}), quiet=True)
+
+
+def test_epochs_must_be_whole(tmp_path, tiny_model_dir):
+    with pytest.raises(RunError, match=r"num_train_epochs: 1.5: .* takes whole epochs"):
+        train(memory_job(tmp_path, tiny_model_dir, train={"max_steps": -1, "num_train_epochs": 1.5}), quiet=True)

@@ -115,3 +115,49 @@ def test_non_finite_windows_are_not_applied_and_stop_the_run(byte_tokenizer, tmp
     for name, parameter in trainer.model.named_parameters():
         if parameter.requires_grad:
             assert torch.equal(parameter, before[name]), name
+
+
+def test_windows_without_a_trained_token_are_not_steps(byte_tokenizer, tmp_path):
+    """Every third turn is not trained: with one stream and one turn a window, those timesteps
+    carry the memory on but are neither steps nor logged losses."""
+    trainer = make_trainer(byte_tokenizer, tmp_path, horizon=1, max_steps=6, streams=1)
+    trainer.train(quiet=True)
+    assert trainer.global_step == 6 and len(trainer.losses) == 6 and min(trainer.losses) > 0
+    # Turns 0, 2, 3, 5, 6 of each 7-turn dialogue are trained: the 6th trained turn is the second
+    # dialogue's first, so 8 timesteps were taken and the stream waits at that dialogue's turn 1.
+    assert trainer.streams.state.position == 2 and trainer.streams.state.rows[0][1] == 1
+
+
+def test_checkpoints_keep_the_newest_and_the_best_by_validation_loss(byte_tokenizer, tmp_path):
+    import json
+
+    trainer = make_trainer(byte_tokenizer, tmp_path, max_steps=10)
+    trainer.schedule.keep_best = 1
+    for loss in (3.0, 2.0, 2.5, None):
+        trainer.window()
+        trainer.save_checkpoint(loss)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["checkpoint-2", "checkpoint-4"]  # the best (2.0) and the newest
+    assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "recurrent_state.json").read_text())[
+        "eval_loss"] == 2.0
+
+
+def test_a_signal_stops_after_the_window_and_is_resumable(byte_tokenizer, tmp_path):
+    import os
+    import signal
+
+    from dialogtune.train.trainer import stop_on_signals
+
+    trainer = make_trainer(byte_tokenizer, tmp_path, max_steps=6)
+    real_window = trainer.window
+
+    def window_then_signal():
+        loss = real_window()
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    trainer.window = window_then_signal
+    with stop_on_signals(trainer):
+        trainer.train(quiet=True)
+    assert (trainer.stop_requested, trainer.global_step) == ("SIGTERM", 2)

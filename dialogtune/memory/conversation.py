@@ -24,9 +24,10 @@ import torch
 
 from dialogtune.errors import RunError
 from dialogtune.files import staged_file
+from dialogtune.infer import decode_by_sampling_only
 from dialogtune.memory.inputs import TurnInputs
 from dialogtune.records import RunInfo, find_run_info
-from dialogtune.tasks.memory import TURN_END, session_line
+from dialogtune.tasks.memory import TURN_END, one_line, session_line
 
 STATE_FORMAT = "dialogtune-memory/1"
 
@@ -41,12 +42,17 @@ class MemoryRun:
     speakers: list[str]  # as in the training data, most frequent first
     identity: str  # a digest of the memory weights: states are only valid for this run
     location: str
+    trained_as: list[str] = field(default_factory=list)  # task.as of training; empty: every speaker
+    reset_each_session: bool = False  # memory.reset: session (the memory starts afresh with each session)
 
     @property
     def person_and_model(self) -> tuple[str, str]:
-        """Who a person talking to the model speaks as (the data's first speaker) and who the
-        model speaks as (the second): chat's and serve's defaults."""
-        return self.speakers[0], self.speakers[1] if len(self.speakers) > 1 else "B"
+        """Who a person talking to the model speaks as and who the model speaks as: chat's and
+        serve's defaults. The model is a speaker it was trained as (the first of task.as, else the
+        data's second speaker); the person is the data's first other speaker."""
+        model = self.trained_as[0] if self.trained_as else (self.speakers[1] if len(self.speakers) > 1 else "B")
+        person = next((s for s in self.speakers if s != model), "A")
+        return person, model
 
 
 def is_memory_run(location: str | Path) -> bool:
@@ -75,6 +81,9 @@ def load_memory_run(location: str | Path) -> MemoryRun:
     else:
         model = _load_causal(final, info, settings["slots"])
         weights = final / "memory.safetensors"
+    decode_by_sampling_only(model.base if settings["kind"] == "causal" else model)  # Sampling alone decides
+    if torch.cuda.is_available():
+        model.to("cuda")
     model.eval()
     tokenizer = load_tokenizer(str(final))
     encoder_decoder = settings["kind"] == "bart"
@@ -83,7 +92,9 @@ def load_memory_run(location: str | Path) -> MemoryRun:
                         bos_token_id=tokenizer.bos_token_id if encoder_decoder else None,
                         eos_token_id=tokenizer.eos_token_id if encoder_decoder else None)
     digest = hashlib.blake2b(weights.read_bytes(), digest_size=12).hexdigest() if weights.exists() else "unknown"
-    return MemoryRun(model, tokenizer, inputs, list(settings.get("speakers") or ["A", "B"]), digest, str(final))
+    return MemoryRun(model, tokenizer, inputs, list(settings.get("speakers") or ["A", "B"]), digest, str(final),
+                     trained_as=list(settings.get("as") or []),
+                     reset_each_session=settings.get("reset") == "session")
 
 
 def _load_causal(final: Path, info: RunInfo, slots: int):
@@ -125,6 +136,8 @@ class MemoryConversation:
         self._session_starts, self._gap = True, time_gap
 
     def _prefix(self, speaker: str) -> list[int]:
+        if self._session_starts and self.run.reset_each_session:
+            self.memory = None  # trained so: each session starts from the initial memory
         text = (session_line(self.session, self._gap) if self._session_starts else "") + f"{speaker}:"
         self._session_starts, self._gap = False, None
         return self.run.tokenizer(text, add_special_tokens=False).input_ids
@@ -152,7 +165,7 @@ class MemoryConversation:
     def read(self, speaker: str, text: str) -> None:
         """Someone else's turn: written into the memory."""
         prefix = self._prefix(speaker)
-        self.read_tokens(prefix, self.run.tokenizer(f" {text.strip()}{TURN_END}", add_special_tokens=False).input_ids)
+        self.read_tokens(prefix, self.run.tokenizer(f" {one_line(text)}{TURN_END}", add_special_tokens=False).input_ids)
 
     @torch.no_grad()
     def read_tokens(self, prefix: list[int], ids: list[int]) -> None:

@@ -27,6 +27,11 @@ class TurnStep:
     trained: bool
 
 
+def one_line(text: str) -> str:
+    """A turn's text on one line: TURN_END is a newline, so a newline inside a turn would end it."""
+    return " ".join(text.split("\n")).strip()
+
+
 def session_line(number: int, time_gap: str | None) -> str:
     gap = f", {time_gap} later" if time_gap else ""
     return f"[session {number}{gap}]\n"
@@ -47,7 +52,7 @@ def memory_steps(dialogue: Dialogue, speakers_as: set[str] | None) -> list[TurnS
         if turn.speaker is not None:
             prefix += f"{turn.speaker}:"
         trained = turn.speaker is not None and (every or turn.speaker in speakers_as)
-        steps.append(TurnStep(prefix, f" {turn.text}{TURN_END}", session, trained))
+        steps.append(TurnStep(prefix, f" {one_line(turn.text)}{TURN_END}", session, trained))
     if not any(step.trained for step in steps):
         wanted = ", ".join(sorted(speakers_as or ()))
         return Reject(dialogue.source, dialogue.line, f"no turn by {wanted} to train", stage="unused")

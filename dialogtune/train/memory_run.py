@@ -33,6 +33,7 @@ from dialogtune.train.recurrent import (
     planned_steps,
 )
 from dialogtune.train.report import plot_losses, read_metrics
+from dialogtune.train.trainer import stop_on_signals
 
 
 def build_memory_model(config: TrainJobConfig):
@@ -44,6 +45,7 @@ def build_memory_model(config: TrainJobConfig):
 
     slots = config.memory.slots
     model_config = AutoConfig.from_pretrained(resolve(config.model.name))
+    check_positions(config, model_config)
     if model_config.is_encoder_decoder:
         if model_config.model_type != "bart":
             raise RunError(f"task: memory on an encoder-decoder model needs BART (MemBart); {config.model.name!r} is"
@@ -51,14 +53,38 @@ def build_memory_model(config: TrainJobConfig):
         if config.method != "full":
             raise RunError("task: memory with BART trains the whole model (MemBart's memory sits inside every"
                            " encoder layer); set method: full")
+        if config.memory.window == 0:
+            raise RunError("memory.window: 0 with BART: its memory is written by the encoder, which reads a turn's"
+                           " words only as the next turns' history window; give it a window (e.g. 128)")
         from dialogtune.memory.bart import MemBartForConditionalGeneration
 
         return MemBartForConditionalGeneration.from_bart(load_model(config), memory_len=slots)
+    from dialogtune.loss import transforms_logits
     from dialogtune.memory.causal import PRIMER, CausalMemoryModel
     from dialogtune.models import load_tokenizer
 
+    if transforms_logits(model_config):
+        raise RunError(f"task: memory computes its loss from the output layer directly, and {config.model.name!r}"
+                       " transforms its logits after it (soft-capping or scaling); choose another model")
+
     primer = load_tokenizer(config.model.name)(PRIMER, add_special_tokens=False).input_ids
     return CausalMemoryModel(load_model(config), slots, primer_ids=primer)
+
+
+def check_positions(config: TrainJobConfig, model_config) -> None:
+    """A step reads memory slots (twice for a causal model: read and write), the history window
+    and a turn of up to max_length tokens: refuse a model with fewer positions than that."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    memory = config.memory
+    if model_config.is_encoder_decoder:
+        needed = memory.window + config.max_length + 2  # <s> history prefix </s>
+        what = f"memory.window ({memory.window}) + max_length ({config.max_length}) + 2"
+    else:
+        needed = 2 * memory.slots + memory.window + config.max_length
+        what = f"2 x memory.slots ({memory.slots}) + memory.window ({memory.window}) + max_length ({config.max_length})"
+    if positions is not None and needed > positions:
+        raise RunError(f"a step of this memory model needs {needed} positions ({what}), and {config.model.name!r} has"
+                       f" {positions}; lower memory.window or max_length")
 
 
 def turn_inputs(config: TrainJobConfig, tokenizer, manifest: PreparedInfo, encoder_decoder: bool) -> TurnInputs:
@@ -70,7 +96,8 @@ def turn_inputs(config: TrainJobConfig, tokenizer, manifest: PreparedInfo, encod
 
 def memory_settings(config: TrainJobConfig, encoder_decoder: bool, speakers: list[str]) -> dict:
     """What use needs to build turns as training did (dialogtune.json's `memory`)."""
-    return {"kind": "bart" if encoder_decoder else "causal", **config.memory.model_dump(), "speakers": speakers}
+    return {"kind": "bart" if encoder_decoder else "causal", **config.memory.model_dump(), "speakers": speakers,
+            "as": [s for s in config.task.speakers_as or [] if s != "*"]}
 
 
 def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
@@ -107,13 +134,17 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    epochs = None if args.max_steps > 0 else max(1, round(args.num_train_epochs))
+    epochs = None if args.max_steps > 0 else int(args.num_train_epochs)
+    if epochs is not None and (epochs != args.num_train_epochs or epochs < 1):
+        raise RunError(f"train.num_train_epochs: {args.num_train_epochs}: memory training streams whole dialogues,"
+                       " so it takes whole epochs (1, 2, ...); for part of one, set train.max_steps")
     max_steps = args.max_steps if args.max_steps > 0 else planned_steps(
-        train_rows, args.per_device_train_batch_size, config.memory.time_horizon, epochs)
+        train_rows, args.per_device_train_batch_size, config.memory.time_horizon, epochs, args.seed)
     schedule = Schedule(streams=args.per_device_train_batch_size, eval_streams=args.per_device_eval_batch_size,
                         max_steps=max_steps, epochs=epochs, seed=args.seed,
                         logging_steps=max(1, int(args.logging_steps)), save_every=config.eval.every,
-                        max_grad_norm=args.max_grad_norm, max_bad_steps=config.max_bad_steps)
+                        max_grad_norm=args.max_grad_norm, max_bad_steps=config.max_bad_steps,
+                        keep_best=config.eval.keep_best)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -134,30 +165,38 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
                                run, log=log)
     write_memory_run_record(run, config, args, prepared.directory, manifest, precision, schedule)
     checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
+    before: dict = {}
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
         before = next((r for r in read_metrics(metrics_path) if "eval_loss" in r), {})
-    else:
-        before = trainer.evaluate()
-        if before:
-            log({"step": 0, **before})
+
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
+    if checkpoint is None:
+        with autocast():  # the same precision as every later evaluation
+            before = trainer.evaluate()
+        if before:
+            log({"step": 0, **before})
+
     loop_started, tokens_before, trained_before = time.perf_counter(), trainer.tokens_seen, trainer.trained_tokens_seen
-    with autocast():
+    with autocast(), stop_on_signals(trainer):
         trainer.train(stop_at=stop_at, quiet=quiet)
+    if trainer.stop_requested:  # a signal: saved where it stopped, to --resume from
+        return {"interrupted": trainer.stop_requested, "step": trainer.global_step,
+                "checkpoint": str(trainer.save_checkpoint())}
     train_seconds = max(time.perf_counter() - loop_started, 1e-9)
     if trainer.bad_in_a_row >= schedule.max_bad_steps:
         trainer.save_checkpoint()
         raise RunError(f"stopped at step {trainer.global_step}: {schedule.max_bad_steps} windows in a row had a"
                        " non-finite loss or gradient (not applied); lower train.learning_rate or memory.time_horizon,"
                        f" or raise max_bad_steps. Checkpoints so far are in {run / 'checkpoints'}")
-    trainer.save_checkpoint()
     if stop_at is not None and trainer.global_step >= stop_at and stop_at < max_steps:
+        trainer.save_checkpoint()
         return {"interrupted": "stop_at", "step": trainer.global_step}
     with autocast():
         after = trainer.evaluate()
+    trainer.save_checkpoint(after.get("eval_loss"))
     if after:
         log({"step": trainer.global_step, **after})
     plot_losses(metrics_path, run / "loss.png")

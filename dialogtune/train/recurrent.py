@@ -67,6 +67,7 @@ class Schedule:
     save_every: int | None  # also evaluates; None: at the end only
     max_grad_norm: float
     max_bad_steps: int = 3  # non-finite windows in a row before the run stops
+    keep_best: int = 2  # checkpoints kept by validation loss, besides the newest
 
 
 class RecurrentTrainer:
@@ -85,11 +86,19 @@ class RecurrentTrainer:
         self.losses: list[float] = []  # each optimizer step's loss, for logging and tests
         self.bad_steps = 0  # windows whose loss or gradient was not finite (not applied)
         self.bad_in_a_row = 0
+        self.stop_requested: str | None = None  # a signal's name: save and stop after this window
         self.log = log or (lambda record: None)
 
     def window(self) -> float | None:
         """One truncated-BPTT window: up to time_horizon timesteps, one optimizer step.
-        Returns the window's loss, or None when the data ran out before its first step."""
+        Returns the window's loss, or None when the data ran out. Timesteps with nothing to
+        learn (turns of speakers not trained) only carry the memory on: a window without any
+        trained token is not a step, and the next one is taken."""
+        while (loss := self._window()) == "nothing trained":
+            pass
+        return loss
+
+    def _window(self) -> float | str | None:
         self.model.train()
         weighted: list[tuple[torch.Tensor, torch.Tensor]] = []
         memory = self.memory
@@ -113,7 +122,7 @@ class RecurrentTrainer:
             return None
         self.memory = memory.detach()  # the window's edge: no gradient reaches back past it
         if not weighted:
-            return 0.0
+            return "nothing trained"
         weights = step_weights(len(weighted))
         loss = sum(w * (s / c) for w, (s, c) in zip(weights, weighted))
         loss.backward()
@@ -125,6 +134,7 @@ class RecurrentTrainer:
         else:  # a non-finite loss or gradient is not applied; too many in a row stop the run
             self.bad_steps += 1
             self.bad_in_a_row += 1
+            self.memory = None  # nor is a memory it may have poisoned carried on: every stream starts afresh
         with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: meant
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             self.scheduler.step()
@@ -142,7 +152,8 @@ class RecurrentTrainer:
                    disable=quiet or None, dynamic_ncols=True)
         started, tokens_before = time.perf_counter(), self.tokens_seen
         logged: list[float] = []
-        while self.global_step < until:
+        epoch = self.streams.state.epoch
+        while self.global_step < until and not self.stop_requested:
             loss = self.window()
             if loss is None or self.bad_in_a_row >= self.schedule.max_bad_steps:
                 break
@@ -157,9 +168,13 @@ class RecurrentTrainer:
                           "tokens_per_s": round((self.tokens_seen - tokens_before) / seconds, 1)})
                 logged = []
             every = self.schedule.save_every
-            if every and self.global_step % every == 0 and self.global_step < until:
-                self.log({"step": self.global_step, **self.evaluate()})
-                self.save_checkpoint()
+            # Unset: at each epoch's end, seen as the queue moving on to the next epoch.
+            due = self.global_step % every == 0 if every else self.streams.state.epoch != epoch
+            epoch = self.streams.state.epoch
+            if due and self.global_step < until:
+                report = self.evaluate()
+                self.log({"step": self.global_step, **report})
+                self.save_checkpoint(report.get("eval_loss"))
         bar.close()
 
     @torch.no_grad()
@@ -201,8 +216,9 @@ class RecurrentTrainer:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def save_checkpoint(self) -> Path:
-        """checkpoints/checkpoint-STEP, written to a staging directory and renamed into place."""
+    def save_checkpoint(self, eval_loss: float | None = None) -> Path:
+        """checkpoints/checkpoint-STEP, written to a staging directory and renamed into place;
+        then only the newest and the `keep_best` best by validation loss are kept."""
         from safetensors.torch import save_file
 
         root = self.run / "checkpoints"
@@ -213,14 +229,17 @@ class RecurrentTrainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "memory": self.memory.cpu() if self.memory is not None else None,
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "numpy_rng": np.random.get_state()}, staging / "training.pt")
         write_json(staging / STATE_FILE, {"global_step": self.global_step, "tokens_seen": self.tokens_seen,
-                                          "bad_steps": self.bad_steps,
+                                          "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
+                                          "eval_loss": eval_loss,
                                           "trained_tokens_seen": self.trained_tokens_seen, "losses": self.losses,
                                           "streams": asdict(self.streams.state)})
         target = root / f"{CHECKPOINT_PREFIX}{self.global_step}"
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
+        prune_checkpoints(root, self.schedule.keep_best)
         return target
 
     def load_checkpoint(self, checkpoint: Path) -> None:
@@ -236,14 +255,29 @@ class RecurrentTrainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.memory = saved["memory"].to(self.device) if saved["memory"] is not None else None
         torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout on a GPU draws from these
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         random.setstate(saved["python_rng"])
         np.random.set_state(saved["numpy_rng"])
         state = json.loads((checkpoint / STATE_FILE).read_text())
         self.global_step = state["global_step"]
         self.tokens_seen, self.trained_tokens_seen = state["tokens_seen"], state["trained_tokens_seen"]
         self.losses = state["losses"]
-        self.bad_steps = state.get("bad_steps", 0)
+        self.bad_steps, self.bad_in_a_row = state.get("bad_steps", 0), state.get("bad_in_a_row", 0)
         self.streams.state = StreamState(**state["streams"])
+
+
+def prune_checkpoints(root: Path, keep_best: int) -> None:
+    """Delete all checkpoints but the newest and the `keep_best` with the lowest validation loss
+    (each checkpoint's state records its own)."""
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
+    step = {p: int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in found}
+    scored = [p for p in found if json.loads((p / STATE_FILE).read_text()).get("eval_loss") is not None]
+    best = sorted(scored, key=lambda p: json.loads((p / STATE_FILE).read_text())["eval_loss"])[:keep_best]
+    keep = {max(found, key=step.get, default=None), *best}
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
@@ -251,10 +285,14 @@ def newest_checkpoint(root: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
 
 
-def planned_steps(dialogues: list[dict], streams: int, horizon: int, epochs: int) -> int:
-    """Optimizer steps for `epochs` passes: streams share the turns, a window takes `horizon`."""
-    turns = sum(len(d["trained"]) for d in dialogues)
-    return max(1, math.ceil(epochs * turns / streams / horizon))
+def planned_steps(dialogues: list[dict], streams: int, horizon: int, epochs: int, seed: int) -> int:
+    """Optimizer steps for `epochs` passes, by running the streams over the dialogues as training
+    will (streams finish unevenly at the end: an estimate from the turn count would stop early)."""
+    timesteps = 0
+    queue = Streams(dialogues, streams, seed, epochs)
+    while queue.next() is not None:
+        timesteps += 1
+    return max(1, math.ceil(timesteps / horizon))
 
 
 def describe(schedule: Schedule) -> dict[str, Any]:

@@ -153,23 +153,29 @@ class DialogTrainer(Trainer):
         return {entry["step"]: entry[self.best_metric] for entry in self.state.log_history if self.best_metric in entry}
 
     # -- signals ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def stopping_on_signals(self) -> Iterator[None]:
-        """Within the block, SIGTERM/SIGINT ask for a save-and-stop at the end of the step
-        (a second one stops at once); after it, the handlers the caller had are back."""
+    def stopping_on_signals(self):
+        """Within the block, SIGTERM/SIGINT ask for a save-and-stop at the end of the step."""
+        return stop_on_signals(self)
 
-        def request_stop(signum, frame):
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = signal.Signals(signum).name
 
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                # None: a handler installed from C, which Python cannot put back; the default is closest.
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+@contextlib.contextmanager
+def stop_on_signals(owner) -> Iterator[None]:
+    """Within the block, SIGTERM/SIGINT set `owner.stop_requested` to the signal's name, for the
+    owner to save and stop at the end of its step (a second one stops at once); after it, the
+    handlers the caller had are back."""
+
+    def request_stop(signum, frame):
+        if owner.stop_requested:
+            raise KeyboardInterrupt
+        owner.stop_requested = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            # None: a handler installed from C, which Python cannot put back; the default is closest.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def checkpoint_step(path: Path) -> int | None:
