@@ -169,10 +169,12 @@ class CausalMemoryModel(torch.nn.Module):
         return hidden, hidden.gather(1, index)
 
     def _write(self, written: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """The gated write, its result in float32: under bf16 autocast a memory rounded at every
+        turn would drift over a dialogue's 50 turns, and chat and serve carry it in float32."""
         normalised = written.float() * torch.rsqrt(written.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-        candidate = self.write_proj(normalised.to(self.write_proj.weight.dtype))
-        old = old.to(candidate.dtype)
-        gate = torch.sigmoid(self.write_gate(torch.cat([candidate, old], -1)))
+        candidate = self.write_proj(normalised.to(self.write_proj.weight.dtype)).float()
+        old = old.float()
+        gate = torch.sigmoid(self.write_gate(torch.cat([candidate, old], -1).to(self.write_gate.weight.dtype)).float())
         return gate * candidate + (1 - gate) * old
 
     @torch.no_grad()
