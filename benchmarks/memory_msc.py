@@ -193,6 +193,10 @@ def main() -> None:
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "perplexity": {}, "eval_loss": {},
                      "train_curves": {}, "seconds": {}}
     earlier = RESULTS / f"{args.name}.json"
+
+    def save() -> None:  # after every stage: a later failure keeps what was measured (--reuse picks it up)
+        RESULTS.mkdir(exist_ok=True)
+        earlier.write_text(json.dumps(results, indent=1) + "\n")
     # With --reuse, what an earlier call measured is kept and only what it lacks is measured.
     before = json.loads(earlier.read_text()) if args.reuse and earlier.exists() else {"perplexity": {}}
     for name, slots in (("a_memory", 16), ("b_no_memory", 0)):
@@ -223,11 +227,18 @@ def main() -> None:
         results["seconds"][name] = round(time.perf_counter() - started, 1)
         results["perplexity"][name] = session_table(report)
         results["eval_loss"][name] = report["eval_loss"]
-    started = time.perf_counter()
-    table, results["summaries"] = summary_variant(load_plain(args.out / "b_no_memory" / "final"), validation,
-                                                  args.data, args.window, pad)
-    results["perplexity"]["d_summary_memory"] = table
-    results["seconds"]["d_summary_memory"] = round(time.perf_counter() - started, 1)
+        save()
+    if "d_summary_memory" in before["perplexity"]:
+        results["summaries"] = before["summaries"]
+        for key in ("perplexity", "seconds"):
+            results[key]["d_summary_memory"] = before[key]["d_summary_memory"]
+    else:
+        started = time.perf_counter()
+        table, results["summaries"] = summary_variant(load_plain(args.out / "b_no_memory" / "final"), validation,
+                                                      args.data, args.window, pad)
+        results["perplexity"]["d_summary_memory"] = table
+        results["seconds"]["d_summary_memory"] = round(time.perf_counter() - started, 1)
+        save()
     from dialogtune.memory.conversation import load_memory_run
 
     memory_run = load_memory_run(args.out / "a_memory")
@@ -239,8 +250,7 @@ def main() -> None:
         "c_full_history": turn_costs(load_plain(args.out / "b_no_memory" / "final"), conversation,
                                      TurnInputs(args.full_window, False, pad), turns),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    save()
     plot(results, RESULTS / f"{args.name}.png")
     title = (f"# Memory on MSC session 3 ({len(validation)} validation episodes, {args.steps} steps x"
              f" {args.streams} streams x {args.horizon} turns)")
