@@ -204,9 +204,10 @@ def main() -> None:
         done = args.out / name / "summary.json"
         if args.reuse and done.exists():  # trained by an earlier call: its figures as they were
             summary = json.loads(done.read_text())
+            results["seconds"][name] = summary["seconds"]
         else:
             summary = train(job(args.out, name, slots, args.window, args), overwrite=True)
-        results["seconds"][name] = round(time.perf_counter() - started, 1)
+            results["seconds"][name] = round(time.perf_counter() - started, 1)
         results["perplexity"][f"{name} step 0"] = session_table(summary["eval_before"])
         results["perplexity"][name] = session_table(summary["eval_after"])
         results["eval_loss"][name] = summary["eval_after"]["eval_loss"]
