@@ -37,9 +37,10 @@ MEMORY_CONFIG = "memory.json"
 KIND = "causal"
 
 
-# What the initial memory reads as, given a tokenizer: a pretrained model takes S random token
-# embeddings in front of a turn as noise (MSC validation perplexity of first sessions 65 against
-# 36 without memory, SmolLM2), and these words as a harmless preamble (34).
+# What the initial memory reads as, given a tokenizer: words a pretrained model reads as a
+# harmless preamble, where S random token embeddings are noise. Measured on SmolLM2, 3 MSC
+# validation episodes, untrained: first-session perplexity 65 with random rows, 34 with these
+# words (the gate nearly closed); what the first writes do to it is training's to learn.
 PRIMER = "The two people in this chat have talked before. Notes from earlier conversations follow.\n"
 
 
