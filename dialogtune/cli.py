@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
     p.add_argument("--index", help="an understand run's retrieval index (default: the one it was trained with)")
-    p.add_argument("--memory-dir", help="memory runs: where each user's memory is kept (default RUN/memories)")
+    p.add_argument("--memory-dir", help="memory runs: where each user's memory is kept (default RUN/memories);"
+                   " chat models: keep one summary memory per request `user` here")
     p = sub.add_parser("eval", help="evaluate by generation: BLEU/ROUGE/distinct/perplexity, report.json and .md")
     p.add_argument("model", nargs="?", help="a run directory or a model name/path")
     p.add_argument("--data", required=True, help="a job YAML (its validation split) or a data file (all of it)")

@@ -15,7 +15,8 @@ wait, more get a 503. Binds to 127.0.0.1 unless told otherwise. A run trained on
 task is served as a function-calling model: requests carry OpenAI `tools` and `tool_choice` and
 are answered with `tool_calls` (dialogtune.serve_tools). A memory run (`task: memory`) keeps one
 memory per request `user`, on disk under `--memory-dir` (dialogtune.serve_memory: which of a
-request's messages are read, and when a new session starts).
+request's messages are read, and when a new session starts). A plain chat model served with
+`--memory-dir` keeps one summary memory per request `user` there (dialogtune.serve_summary).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dialogtune.errors import ConfigError, DialogtuneError
 from dialogtune.infer import ChatModel, Conversation, Sampling
 from dialogtune.memory.conversation import MemoryRun
 from dialogtune.serve_memory import MemoryReplier, default_memory_dir, reply_room
+from dialogtune.serve_summary import SummaryReplier
 from dialogtune.serve_tools import (
     Cancelled,
     OpenAIMessage,
@@ -67,7 +69,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
-    user: str | None = None  # a memory run keeps one memory per user
+    user: str | None = None  # a memory run (or a plain model served with --memory-dir) keeps one memory per user
 
 
 class ApiError(Exception):
@@ -126,18 +128,25 @@ def check_model(asked: str | None, model_id: str) -> None:
         raise ApiError(400, f"unknown model {asked!r}; this server has {model_id!r}", param="model")
 
 
+def asked_tokens(chat: ChatModel, request: CompletionRequest) -> tuple[int | None, str]:
+    """The reply length the request asks for (None: unsaid) and the field it was given in,
+    refused when the model cannot write that many tokens at all."""
+    asked = request.max_completion_tokens or request.max_tokens
+    flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if asked is not None:
+        try:
+            chat.check_reply_length(asked, flag)
+        except ConfigError as err:
+            raise ApiError(400, str(err), param=flag) from None
+    return asked, flag
+
+
 def check_request(chat: ChatModel, model_id: str, request: CompletionRequest) -> int:
     """Refuse what cannot be answered; returns the number of tokens the reply may have."""
     check_model(request.model, model_id)
     if request.messages[-1].role == "assistant":
         raise ApiError(400, "the last message must be from the user (or system)", param="messages")
-    asked = request.max_completion_tokens or request.max_tokens
-    if asked is not None:
-        flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        try:
-            chat.check_reply_length(asked, flag)
-        except ConfigError as err:
-            raise ApiError(400, str(err), param=flag) from None
+    asked, _ = asked_tokens(chat, request)
     # Measured on the prompt generation will read (the run's system prompt included).
     prompt = chat.render(conversation_of(chat, request).chat_messages())
     length = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -163,6 +172,20 @@ def check_memory_request(run: MemoryRun, model_id: str, request: CompletionReque
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
+def check_summary_request(chat: ChatModel, model_id: str, request: CompletionRequest) -> int:
+    """As check_request, for a plain model keeping the user's summary memory: the prompt is the
+    memory's, fitted to the context before the reply (a prompt that cannot fit is refused then)."""
+    check_model(request.model, model_id)
+    if request.messages[-1].role != "user":
+        raise ApiError(400, "the last message must be from the user", param="messages")
+    asked, flag = asked_tokens(chat, request)
+    room = chat.reply_room(0)
+    if asked is not None and asked >= room:
+        raise ApiError(400, f"{flag}={asked} leaves no room for a prompt in the model's context of"
+                            f" {chat.context_length}", param=flag)
+    return asked or min(DEFAULT_MAX_TOKENS, room // 2)
+
+
 def validated(kind: type[BaseModel], data: Any) -> Any:
     try:
         return kind.model_validate(data)
@@ -176,12 +199,14 @@ def validated(kind: type[BaseModel], data: Any) -> Any:
 def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_key: str | None = None,
                queue_size: int = 8, timeout: float = 120.0, memory_dir: Path | None = None):
     """`model`: a chat model, an understand run answering with tool calls, or a memory run
-    keeping each user's memory in `memory_dir` (default RUN/memories)."""
+    keeping each user's memory in `memory_dir` (default RUN/memories). A chat model given a
+    `memory_dir` keeps each user's summary memory there (dialogtune.serve_summary)."""
     app = FastAPI(title="dialogtune", docs_url=None, redoc_url=None)
     caller = ToolCaller(model) if isinstance(model, Understander) else None
     memory = MemoryReplier(model, memory_dir or default_memory_dir(model)) if isinstance(model, MemoryRun) else None
     chat = model.chat if isinstance(model, Understander) else None if memory else model
     generator = Generator(chat, queue_size, timeout)
+    summaries = SummaryReplier(chat, memory_dir) if memory_dir is not None and caller is None and memory is None else None
     page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
@@ -226,6 +251,8 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
         body = validated(CompletionRequest, data)
         if memory is not None:
             return await memory_completion(body)
+        if summaries is not None and body.user:
+            return await summary_completion(body)
         max_tokens = check_request(chat, model_id, body)
         generator.admit()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -288,32 +315,47 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
         max_tokens = check_memory_request(memory.run, model_id, body)
         sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p, max_new_tokens=max_tokens)
         messages = [(m.role, m.content) for m in body.messages if m.role != "system"]
+        return await remembered(body, lambda: memory.answer(
+            messages, body.user, {**sampling.generate_kwargs(), "max_time": timeout}, seed=body.seed))
+
+    async def summary_completion(body: CompletionRequest):
+        max_tokens = check_summary_request(chat, model_id, body)
+        sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p, max_new_tokens=max_tokens,
+                            seed=body.seed)
+        messages = [(m.role, m.content) for m in body.messages if m.role != "system"]
+        system = "\n".join(m.content for m in body.messages if m.role == "system") or chat.system_prompt
+        return await remembered(body, lambda: summaries.answer(messages, body.user, system, sampling, timeout),
+                                refused=ConfigError)
+
+    async def remembered(body: CompletionRequest, answer, refused: type[Exception] | tuple = ()):
+        """A reply from a user's memory (`answer()`, run on the generator's thread), as a completion."""
         generator.admit()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
         def work():
             try:
-                return memory.answer(messages, body.user, {**sampling.generate_kwargs(), "max_time": timeout},
-                                     seed=body.seed)
+                return answer()
             finally:
                 generator.release()
 
         # shielded: a request cancelled while it waits must still run `work`, which releases its place
         try:
             reply = await asyncio.shield(asyncio.get_running_loop().run_in_executor(generator.executor, work))
+        except refused as err:  # a prompt that cannot fit the context
+            raise ApiError(400, str(err), param="messages") from None
         except DialogtuneError as err:  # a user's memory file this run cannot load (another run wrote it)
             raise ApiError(500, str(err), "server_error") from None
         if not body.stream:
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                                 "finish_reason": "stop"}],
+                                 "finish_reason": reply.finish}],
                     "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                               "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
 
         async def events():  # generated whole: streamed as one piece
             for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": reply.text}, None),
-                                  ({}, "stop")):
+                                  ({}, reply.finish)):
                 yield json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                   "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
             yield "[DONE]"
@@ -384,7 +426,8 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
               model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0, index: str | None = None,
               memory_dir: str | None = None) -> int:
     """`index`: an understand run's retrieval index (default: the one it was trained with);
-    `memory_dir`: where a memory run keeps its users' memories (default RUN/memories)."""
+    `memory_dir`: where a memory run keeps its users' memories (default RUN/memories), or a plain
+    chat model its users' summary memories (only when given)."""
     import uvicorn
 
     from dialogtune.infer import load_chat_model
@@ -394,19 +437,22 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     understands, remembers = is_understand_run(model), is_memory_run(model)
     if index is not None and not understands:
         raise ConfigError(f"--index is for understand runs; {model} is not one")
-    if memory_dir is not None and not remembers:
-        raise ConfigError(f"--memory-dir is for memory runs (trained with task: memory); {model} is not one:"
-                          " serve it without --memory-dir")
+    if memory_dir is not None and understands:
+        raise ConfigError(f"--memory-dir is for chat models and memory runs; {model} is an understand run (its"
+                          " conversation is the request's): serve it without --memory-dir")
     if understands:
         loaded = load_understander(model, index)
     else:
         loaded = load_memory_run(model) if remembers else load_chat_model(model)
     model_id = model_id or Path(model.rstrip("/")).name
-    directory = (Path(memory_dir) if memory_dir else default_memory_dir(loaded)) if remembers else None
+    directory = (Path(memory_dir) if memory_dir else default_memory_dir(loaded)) if remembers else (
+        Path(memory_dir) if memory_dir else None)
     app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout, memory_dir=directory)
     what = "function calling: tools in, tool_calls out" if understands else "chat page at /"
     if remembers:
         what = f"one memory per request `user`, kept in {directory}; chat page at /"
+    elif directory is not None:
+        what = f"one summary memory per request `user`, kept in {directory}; chat page at /"
     print(f"serving {model} as {model_id!r} on http://{host}:{port}  ({what}, OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -51,13 +51,30 @@ def digest_of(messages: list[Turn]) -> str:
     return hashlib.blake2b(json.dumps(messages, ensure_ascii=False).encode("utf-8"), digest_size=16).hexdigest()
 
 
+def continuation(notes: dict[str, Any], messages: list[Turn]) -> list[Turn] | None:
+    """What `messages` bring after the ones `notes` ({"messages": N, "digest": ...}) record as taken,
+    when they continue them: their first N are those N, and more follow; the assistant message right
+    after them is the reply the server gave (already taken), so it is left out. None when they do
+    not continue (a new session). The rule of serve's per-user memories, memory runs and plain
+    models alike."""
+    taken, digest = notes.get("messages", 0), notes.get("digest")
+    if taken and len(messages) > taken and digest_of(messages[:taken]) == digest:
+        following = messages[taken:]
+        return following[1:] if following[0][0] == "assistant" else following
+    return None
+
+
+def taken_notes(messages: list[Turn]) -> dict[str, Any]:
+    """The notes recording `messages` as taken (what `continuation` reads)."""
+    return {"messages": len(messages), "digest": digest_of(messages)}
+
+
 def unread(conversation: MemoryConversation, messages: list[Turn]) -> list[Turn]:
     """The request's messages the memory has not read (see the module's contract); opens a new
     session when the request does not continue the one read before."""
-    read, digest = conversation.notes.get("messages", 0), conversation.notes.get("digest")
-    if read and len(messages) > read and digest_of(messages[:read]) == digest:
-        following = messages[read:]
-        return following[1:] if following[0][0] == "assistant" else following
+    following = continuation(conversation.notes, messages)
+    if following is not None:
+        return following
     conversation.new_session()
     return messages
 
@@ -74,6 +91,7 @@ class MemoryReply:
     text: str
     prompt_tokens: int  # tokens of the messages read for this request
     completion_tokens: int
+    finish: str = "stop"  # a memory run's reply is generated whole
 
 
 class MemoryReplier:
@@ -90,7 +108,7 @@ class MemoryReplier:
             return self._turn(MemoryConversation(self.run), messages, generate_kwargs, seed)
         with self.users.conversation_for(user) as conversation:
             reply = self._turn(conversation, unread(conversation, messages), generate_kwargs, seed)
-            conversation.notes = {"messages": len(messages), "digest": digest_of(messages)}
+            conversation.notes = taken_notes(messages)
             self.users.save(user, conversation)
         return reply
 

@@ -520,8 +520,10 @@ def memory_run(memory_run_dir):
 
 
 @contextlib.contextmanager
-def memory_server(memory_run, directory):
-    url, handle, thread = start_server(create_app(memory_run, "mem", memory_dir=directory))
+def memory_server(model, directory, model_id: str = "mem"):
+    """A live server keeping per-user memories of `model` (a memory run, or a plain chat model's
+    summary memories) in `directory`; yields its URL."""
+    url, handle, thread = start_server(create_app(model, model_id, memory_dir=directory))
     try:
         yield url
     finally:
@@ -620,9 +622,10 @@ def test_a_memory_file_another_run_wrote_is_refused_by_name(memory_run, tmp_path
         assert talk(url, "dave", ALICE[:1])[1]["content"]  # other users are served
 
 
-def test_memory_dir_is_refused_for_a_run_without_memory(tiny_run, tmp_path):
+def test_memory_dir_is_refused_for_an_understand_run(tiny_understand_run, tmp_path):
     from dialogtune.errors import ConfigError
     from dialogtune.serve import run_serve
 
-    with pytest.raises(ConfigError, match="--memory-dir is for memory runs .* serve it without --memory-dir"):
-        run_serve(str(tiny_run), memory_dir=str(tmp_path))
+    # (a plain chat model keeps summary memories there: tests/test_serve_summary.py)
+    with pytest.raises(ConfigError, match="--memory-dir is for chat models and memory runs; .* serve it without"):
+        run_serve(str(tiny_understand_run / "run"), memory_dir=str(tmp_path))

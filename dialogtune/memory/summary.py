@@ -67,6 +67,7 @@ class SummaryMemory:
     model: str  # the model it was written with (as named to chat)
     sessions: list[list[Message]] = field(default_factory=lambda: [[]])  # oldest first; the last is current
     summary: str | None = None  # of the sessions folded away
+    notes: dict[str, Any] = field(default_factory=dict)  # kept for its user (what `serve` has taken); JSON
 
     @property
     def current(self) -> list[Message]:
@@ -143,7 +144,8 @@ class SummaryMemory:
         """Written whole or not at all (a kill mid-write leaves the previous file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"format": FORMAT, "model": self.model, "summary": self.summary, "sessions": self.sessions})
+        write_json(path, {"format": FORMAT, "model": self.model, "summary": self.summary, "sessions": self.sessions,
+                          **({"notes": self.notes} if self.notes else {})})
 
     @classmethod
     def load(cls, path: Path) -> SummaryMemory:
@@ -166,7 +168,10 @@ class SummaryMemory:
                 and (summary is None or isinstance(summary, str))):
             raise RunError(f"{path}: a damaged summary memory (sessions must be lists of messages with a role"
                            f" and a content, the summary a string or null); {again}")
-        return cls(model=str(data.get("model", "")), sessions=sessions, summary=summary)
+        notes = data.get("notes") or {}
+        if not isinstance(notes, dict):
+            raise RunError(f"{path}: a damaged summary memory (its notes must be an object); {again}")
+        return cls(model=str(data.get("model", "")), sessions=sessions, summary=summary, notes=notes)
 
 
 def _is_session(session: Any) -> bool:

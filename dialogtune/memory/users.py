@@ -11,37 +11,50 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dialogtune.memory.conversation import MemoryConversation, MemoryRun
 
-SUFFIX = ".safetensors"
 
+class UserStates:
+    """Per-user state files in `directory` (`suffix`), each loaded with `load(path)` or made with
+    `create()`, saved with the state's own `save(path)` (atomic), under a lock per user."""
 
-class UserMemories:
-    def __init__(self, run: MemoryRun, directory: Path):
-        self.run = run
+    def __init__(self, directory: Path, suffix: str, load: Callable[[Path], Any], create: Callable[[], Any]):
         self.directory = Path(directory)
+        self.suffix, self._load, self._create = suffix, load, create
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
     def path_for(self, user: str) -> Path:
-        return self.directory / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:32] + SUFFIX)
+        return self.directory / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:32] + self.suffix)
 
     def _lock_for(self, path: Path) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(path.name, threading.Lock())
 
     @contextmanager
-    def conversation_for(self, user: str) -> Iterator[MemoryConversation]:
-        """The user's conversation (a new one for a user never seen), theirs alone until the block
-        ends. Nothing is written unless the block calls `save`."""
+    def state_for(self, user: str) -> Iterator[Any]:
+        """The user's state (a new one for a user never seen), theirs alone until the block ends.
+        Nothing is written unless the block calls `save`."""
         path = self.path_for(user)
         with self._lock_for(path):
-            yield MemoryConversation.load(self.run, path) if path.exists() else MemoryConversation(self.run)
+            yield self._load(path) if path.exists() else self._create()
 
-    def save(self, user: str, conversation: MemoryConversation) -> None:
+    def save(self, user: str, state) -> None:
         """Written whole or not at all (a kill mid-write leaves the previous state)."""
-        conversation.save(self.path_for(user))
+        state.save(self.path_for(user))
+
+
+class UserMemories(UserStates):
+    """A memory run's users: one MemoryConversation each (a safetensors state file)."""
+
+    def __init__(self, run: MemoryRun, directory: Path):
+        super().__init__(directory, ".safetensors", lambda path: MemoryConversation.load(run, path),
+                         lambda: MemoryConversation(run))
+        self.run = run
+
+    conversation_for = UserStates.state_for
