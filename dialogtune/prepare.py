@@ -310,9 +310,7 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         stats["warnings"] = warnings
         stats["reader_notes"] = notes  # kept apart: --strict refuses them on a cache hit too
         write_json(staging / "stats.json", stats)
-        with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
-            for reject in rejects:
-                fh.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
+        write_rejects(staging, rejects)
         manifest(config, tokenizer, tokenizer_id, template, key, speakers).save(staging)
     if not quiet:
         print(summary_line(out, stats))
@@ -443,6 +441,12 @@ def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: Chat
 def reason_kind(reason: str) -> str:
     """A reason with its particulars (names, numbers, quoted text) blanked, for counting."""
     return _PARTICULARS.sub("…", reason.split(": ")[0] if reason.startswith("message ") else reason)
+
+
+def write_rejects(directory: Path, rejects: list[Reject]) -> None:
+    """rejects.jsonl: every record not used or cut, one JSON object a line (read_rejects)."""
+    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n" for reject in rejects)
 
 
 def read_rejects(directory: Path) -> list[dict]:

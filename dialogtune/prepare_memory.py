@@ -9,7 +9,6 @@ first `max_length` tokens (prefix first); each cut is counted and listed in reje
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -50,7 +49,7 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
     data.sample; `manifest_of(speakers)` gives the PreparedInfo to save."""
     import datasets
 
-    from dialogtune.prepare import datasets_bars
+    from dialogtune.prepare import datasets_bars, reason_kind, write_rejects
 
     started = time.perf_counter()
     rows: list[dict] = []
@@ -96,7 +95,7 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
                 "sessions": max((max(r["sessions"]) for r in part), default=0),
             }
         elapsed = time.perf_counter() - started
-        by_reason = Counter(f"{r.stage}: {r.reason.split(';')[0].split(' has ')[0]}" for r in rejects)
+        by_reason = Counter(f"{r.stage}: {reason_kind(r.reason)}" for r in rejects)
         stats = {"task": "memory", "dialogues_read": len(rows), "rejected": len(rejects),
                  "rejected_by_reason": dict(by_reason.most_common()), "splits": split_stats,
                  "turns_too_long": sum(r.stage == "truncated" for r in rejects),
@@ -106,8 +105,7 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
         if config.split.validation > 0 and not held_out:
             stats["warnings"].append("no validation split: fewer than two dialogues")
         write_json(staging / "stats.json", stats)
-        with open(staging / "rejects.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n" for reject in rejects)
+        write_rejects(staging, rejects)
         manifest: PreparedInfo = manifest_of(speakers)
         manifest.save(staging)
     if not quiet:

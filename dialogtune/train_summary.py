@@ -90,12 +90,12 @@ def memory_samples(run: Path, prepared: Path, split: str, count: int) -> list[di
     for row in rows.select(range(min(count, len(rows)))):
         last = max(i for i, trained in enumerate(row["trained"]) if trained)
         conversation = MemoryConversation(loaded)
-        for turn in range(last + 1):
-            if loaded.reset_each_session and turn and row["sessions"][turn] != row["sessions"][turn - 1]:
-                conversation.memory = None  # trained with memory.reset: session
-            if turn < last:
-                conversation.read_tokens(row["prefix_ids"][turn], row["text_ids"][turn])
-        reply = conversation.reply_after(row["prefix_ids"][last], do_sample=False, max_new_tokens=SAMPLE_NEW_TOKENS)
+        sessions = row["sessions"]
+        for turn in range(last):
+            conversation.read_tokens(row["prefix_ids"][turn], row["text_ids"][turn],
+                                     opens_session=turn > 0 and sessions[turn] != sessions[turn - 1])
+        reply = conversation.reply_after(row["prefix_ids"][last], do_sample=False, max_new_tokens=SAMPLE_NEW_TOKENS,
+                                         opens_session=last > 0 and sessions[last] != sessions[last - 1])
         context = decode(row["prefix_ids"][last - 1] + row["text_ids"][last - 1]) if last else ""
         samples.append({"context": shorten(context), "reply": reply, "reference": decode(row["text_ids"][last]).strip()})
     return samples

@@ -135,12 +135,17 @@ class MemoryConversation:
             self.session += 1
         self._session_starts, self._gap = True, time_gap
 
-    def _prefix(self, speaker: str) -> list[int]:
-        if self._session_starts and self.run.reset_each_session:
-            self.memory = None  # trained so: each session starts from the initial memory
-        text = (session_line(self.session, self._gap) if self._session_starts else "") + f"{speaker}:"
+    def _prefix(self, speaker: str) -> tuple[list[int], bool]:
+        """The next turn's prefix tokens (a session line where a session opens, then "Name:"), and
+        whether it opens a session."""
+        opens = self._session_starts
+        text = (session_line(self.session, self._gap) if opens else "") + f"{speaker}:"
         self._session_starts, self._gap = False, None
-        return self.run.tokenizer(text, add_special_tokens=False).input_ids
+        return self.run.tokenizer(text, add_special_tokens=False).input_ids, opens
+
+    def _open(self, opens_session: bool) -> None:
+        if opens_session and self.run.reset_each_session:
+            self.memory = None  # trained so (memory.reset: session): each session starts from the initial memory
 
     def _dialogue(self, prefix: list[int], text: list[int]) -> dict[str, list]:
         turns = [*self.turns, {"prefix_ids": prefix, "text_ids": text}]
@@ -164,12 +169,14 @@ class MemoryConversation:
 
     def read(self, speaker: str, text: str) -> None:
         """Someone else's turn: written into the memory."""
-        prefix = self._prefix(speaker)
-        self.read_tokens(prefix, self.run.tokenizer(f" {one_line(text)}{TURN_END}", add_special_tokens=False).input_ids)
+        prefix, opens = self._prefix(speaker)
+        ids = self.run.tokenizer(f" {one_line(text)}{TURN_END}", add_special_tokens=False).input_ids
+        self.read_tokens(prefix, ids, opens_session=opens)
 
     @torch.no_grad()
-    def read_tokens(self, prefix: list[int], ids: list[int]) -> None:
+    def read_tokens(self, prefix: list[int], ids: list[int], opens_session: bool = False) -> None:
         """A turn given as the token pieces training reads (a prepared row's prefix and text)."""
+        self._open(opens_session)
         dialogue = self._dialogue(prefix, ids)
         row = self.run.inputs.batch([self.run.inputs.row(dialogue, len(dialogue["trained"]) - 1)], self._device())
         self.memory = self.run.model.write_memory(row["input_ids"], row["attention_mask"], self.memory)
@@ -177,11 +184,13 @@ class MemoryConversation:
 
     def reply(self, speaker: str, **generate_kwargs) -> str:
         """The model's turn as `speaker`: generated from the memory and the window, then read."""
-        return self.reply_after(self._prefix(speaker), **generate_kwargs)
+        prefix, opens = self._prefix(speaker)
+        return self.reply_after(prefix, opens_session=opens, **generate_kwargs)
 
     @torch.no_grad()
-    def reply_after(self, prefix: list[int], **generate_kwargs) -> str:
+    def reply_after(self, prefix: list[int], opens_session: bool = False, **generate_kwargs) -> str:
         """The model's turn after a prefix given as tokens (who speaks; a session line)."""
+        self._open(opens_session)
         inputs = self.run.inputs
         history = inputs.history(self._dialogue(prefix, []), len(self.turns))
         device = self._device()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from dialogtune.models import load_tokenizer, resolve
 from dialogtune.prepare import prepare
 from dialogtune.records import PreparedInfo, RunInfo
 from dialogtune.train.recurrent import (
-    STAGING,
     RecurrentTrainer,
     Schedule,
     TurnInputs,
@@ -36,7 +34,7 @@ from dialogtune.train.report import plot_losses, read_metrics
 from dialogtune.train.trainer import stop_on_signals
 
 
-def build_memory_model(config: TrainJobConfig):
+def build_memory_model(config: TrainJobConfig, tokenizer):
     """The model to train: BART with MemBart's memory (full fine-tuning), or any causal LM with
     memory slots (LoRA, QLoRA or full on the base; the memory parameters always in full)."""
     from transformers import AutoConfig
@@ -61,13 +59,12 @@ def build_memory_model(config: TrainJobConfig):
         return MemBartForConditionalGeneration.from_bart(load_model(config), memory_len=slots)
     from dialogtune.loss import transforms_logits
     from dialogtune.memory.causal import PRIMER, CausalMemoryModel
-    from dialogtune.models import load_tokenizer
 
     if transforms_logits(model_config):
         raise RunError(f"task: memory computes its loss from the output layer directly, and {config.model.name!r}"
                        " transforms its logits after it (soft-capping or scaling); choose another model")
 
-    primer = load_tokenizer(config.model.name)(PRIMER, add_special_tokens=False).input_ids
+    primer = tokenizer(PRIMER, add_special_tokens=False).input_ids
     return CausalMemoryModel(load_model(config), slots, primer_ids=primer)
 
 
@@ -108,7 +105,13 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
     from transformers import get_scheduler, set_seed
 
     from dialogtune.train.model import pick_precision
-    from dialogtune.train.run import check_run_dir, check_tokenizer, peak_memory_mb, training_arguments
+    from dialogtune.train.run import (
+        check_run_dir,
+        check_tokenizer,
+        peak_memory_mb,
+        training_arguments,
+        write_run_record,
+    )
 
     started = time.perf_counter()
     run = Path(config.run_dir)
@@ -130,7 +133,7 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
         if has_validation else None
     args = training_arguments(config, run, precision, has_validation)
     set_seed(args.seed)
-    model = build_memory_model(config)
+    model = build_memory_model(config, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     encoder_decoder = bool(model.config.is_encoder_decoder)
@@ -151,7 +154,6 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
                               num_training_steps=max_steps)
     run.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run / "checkpoints" / STAGING, ignore_errors=True)
     metrics_path = run / "metrics.jsonl"
 
     def log(record: dict) -> None:
@@ -163,7 +165,8 @@ def train_memory(config: TrainJobConfig, *, overwrite: bool = False, resume: boo
     trainer = RecurrentTrainer(model, optimizer, scheduler, train_rows, validation_rows,
                                turn_inputs(config, tokenizer, manifest, encoder_decoder), config.memory, schedule,
                                run, log=log)
-    write_memory_run_record(run, config, args, prepared.directory, manifest, precision, schedule)
+    write_run_record(run, config, args, prepared.directory, manifest, precision,
+                     recurrent_schedule=dataclasses.asdict(schedule))
     checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
     before: dict = {}
     if checkpoint is not None:
@@ -230,16 +233,3 @@ def save_memory_final(model, tokenizer, manifest: PreparedInfo, config: TrainJob
                                    system_prompt=None, instruction=None)
         dataclasses.replace(info, memory=memory_settings(config, encoder_decoder, speakers)).save(staging)
     return final
-
-
-def write_memory_run_record(run: Path, config: TrainJobConfig, args, prepared: Path, manifest: PreparedInfo,
-                            precision: str, schedule: Schedule) -> None:
-    from dataclasses import asdict
-
-    from dialogtune.train.run import run_identity
-
-    write_json(run / "run.json", {
-        "dialogtune_version": dialogtune.__version__, "identity": run_identity(config), "prepared": str(prepared),
-        "prepared_fingerprint": manifest.fingerprint, "precision": precision,
-        "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict(),
-        "recurrent_schedule": asdict(schedule)})

@@ -38,12 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dialogtune.config import MemoryConfig
-from dialogtune.files import write_json
+from dialogtune.files import staged_dir, write_json
 from dialogtune.memory.inputs import TurnInputs
 from dialogtune.memory.streams import Streams, StreamState
+from dialogtune.train.trainer import CHECKPOINT_PREFIX, checkpoint_step, newest_checkpoint
 
-STAGING = ".staging"
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "recurrent_state.json"
 
 
@@ -217,28 +216,24 @@ class RecurrentTrainer:
         return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, eval_loss: float | None = None) -> Path:
-        """checkpoints/checkpoint-STEP, written to a staging directory and renamed into place;
-        then only the newest and the `keep_best` best by validation loss are kept."""
+        """checkpoints/checkpoint-STEP, written whole or not at all (files.staged_dir); then only
+        the newest and the `keep_best` best by validation loss are kept."""
         from safetensors.torch import save_file
 
         root = self.run / "checkpoints"
-        staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file(self.trainable_state(), str(staging / "trainable.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "memory": self.memory.cpu() if self.memory is not None else None,
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "numpy_rng": np.random.get_state()}, staging / "training.pt")
-        write_json(staging / STATE_FILE, {"global_step": self.global_step, "tokens_seen": self.tokens_seen,
-                                          "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
-                                          "eval_loss": eval_loss,
-                                          "trained_tokens_seen": self.trained_tokens_seen, "losses": self.losses,
-                                          "streams": asdict(self.streams.state)})
         target = root / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        with staged_dir(target) as staging:
+            save_file(self.trainable_state(), str(staging / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "memory": self.memory.cpu() if self.memory is not None else None,
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "numpy_rng": np.random.get_state()}, staging / "training.pt")
+            write_json(staging / STATE_FILE, {
+                "global_step": self.global_step, "tokens_seen": self.tokens_seen, "bad_steps": self.bad_steps,
+                "bad_in_a_row": self.bad_in_a_row, "eval_loss": eval_loss,
+                "trained_tokens_seen": self.trained_tokens_seen, "losses": self.losses,
+                "streams": asdict(self.streams.state)})
         prune_checkpoints(root, self.schedule.keep_best)
         return target
 
@@ -270,19 +265,13 @@ class RecurrentTrainer:
 def prune_checkpoints(root: Path, keep_best: int) -> None:
     """Delete all checkpoints but the newest and the `keep_best` with the lowest validation loss
     (each checkpoint's state records its own)."""
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
-    step = {p: int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in found}
-    scored = [p for p in found if json.loads((p / STATE_FILE).read_text()).get("eval_loss") is not None]
-    best = sorted(scored, key=lambda p: json.loads((p / STATE_FILE).read_text())["eval_loss"])[:keep_best]
-    keep = {max(found, key=step.get, default=None), *best}
-    for path in found:
+    losses = {path: json.loads((path / STATE_FILE).read_text()).get("eval_loss")
+              for path in root.iterdir() if checkpoint_step(path) is not None}
+    best = sorted((path for path, loss in losses.items() if loss is not None), key=losses.get)[:keep_best]
+    keep = {newest_checkpoint(root), *best}
+    for path in losses:
         if path not in keep:
             shutil.rmtree(path)
-
-
-def newest_checkpoint(root: Path) -> Path | None:
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
-    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
 
 
 def planned_steps(dialogues: list[dict], streams: int, horizon: int, epochs: int, seed: int) -> int:

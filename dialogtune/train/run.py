@@ -198,13 +198,14 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
 
 
 def write_run_record(run: Path, config: TrainJobConfig, args, prepared: Path, manifest: PreparedInfo,
-                     precision: str) -> None:
+                     precision: str, **extra: Any) -> None:
     """run.json: the job as resolved (config defaults filled in) and the TrainingArguments it
-    became (dialogtune's defaults, then `train:`), so the run can be reproduced from its directory."""
+    became (dialogtune's defaults, then `train:`), so the run can be reproduced from its directory;
+    `extra`: what a kind of run adds (a memory run: its recurrent schedule)."""
     write_json(run / "run.json", {
         "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
         "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint, "precision": precision,
-        "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict()})
+        "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict(), **extra})
 
 
 def peak_memory_mb() -> float:
