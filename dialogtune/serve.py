@@ -128,11 +128,17 @@ def check_model(asked: str | None, model_id: str) -> None:
         raise ApiError(400, f"unknown model {asked!r}; this server has {model_id!r}", param="model")
 
 
+def asked_of(request: CompletionRequest) -> tuple[int | None, str]:
+    """The reply length a request asks for (None: unsaid) and the field it was given in."""
+    if request.max_completion_tokens:
+        return request.max_completion_tokens, "max_completion_tokens"
+    return request.max_tokens, "max_tokens"
+
+
 def asked_tokens(chat: ChatModel, request: CompletionRequest) -> tuple[int | None, str]:
     """The reply length the request asks for (None: unsaid) and the field it was given in,
     refused when the model cannot write that many tokens at all."""
-    asked = request.max_completion_tokens or request.max_tokens
-    flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    asked, flag = asked_of(request)
     if asked is not None:
         try:
             chat.check_reply_length(asked, flag)
@@ -163,10 +169,9 @@ def check_memory_request(run: MemoryRun, model_id: str, request: CompletionReque
     check_model(request.model, model_id)
     if request.messages[-1].role != "user":
         raise ApiError(400, "the last message must be from the user", param="messages")
-    asked = request.max_completion_tokens or request.max_tokens
+    asked, flag = asked_of(request)
     room = reply_room(run)
     if asked is not None and asked > room:
-        flag = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         raise ApiError(400, f"{flag}={asked} exceeds what this memory model can generate in one turn ({room})",
                        param=flag)
     return asked or min(DEFAULT_MAX_TOKENS, room)
@@ -445,8 +450,7 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     else:
         loaded = load_memory_run(model) if remembers else load_chat_model(model)
     model_id = model_id or Path(model.rstrip("/")).name
-    directory = (Path(memory_dir) if memory_dir else default_memory_dir(loaded)) if remembers else (
-        Path(memory_dir) if memory_dir else None)
+    directory = Path(memory_dir) if memory_dir else default_memory_dir(loaded) if remembers else None
     app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout, memory_dir=directory)
     what = "function calling: tools in, tool_calls out" if understands else "chat page at /"
     if remembers:

@@ -91,7 +91,10 @@ def load_memory_run(location: str | Path) -> MemoryRun:
     inputs = TurnInputs(window=settings["window"], encoder_decoder=encoder_decoder, pad_token_id=pad,
                         bos_token_id=tokenizer.bos_token_id if encoder_decoder else None,
                         eos_token_id=tokenizer.eos_token_id if encoder_decoder else None)
-    digest = hashlib.blake2b(weights.read_bytes(), digest_size=12).hexdigest() if weights.exists() else "unknown"
+    digest = "unknown"
+    if weights.exists():  # streamed: a MemBart's weights are hundreds of MB
+        with open(weights, "rb") as fh:
+            digest = hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=12)).hexdigest()
     return MemoryRun(model, tokenizer, inputs, list(settings.get("speakers") or ["A", "B"]), digest, str(final),
                      trained_as=list(settings.get("as") or []),
                      reset_each_session=settings.get("reset") == "session")
