@@ -9,9 +9,15 @@ trained tokens, so gradient accumulation can normalise by the tokens of the whol
 The head and the cross-entropy are fused and chunked (`LinearCrossEntropy`): each chunk's
 logits are turned into the loss and straight into their gradients, so the (trained positions x
 vocabulary) logits are never held and the backward is one multiplication.
+
+Under an engine that synchronises in the model's forward (DDP, FSDP, DeepSpeed), the loss goes
+through that forward instead (`forward_loss`): the head still runs at trained positions only,
+but their logits are formed.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +29,25 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def core_model(model):
-    """The transformers model under a PEFT wrapper (LoRA layers are inside it)."""
+    """The transformers model under an engine's wrapper (DDP, DeepSpeed: `.module`) and a PEFT
+    wrapper (LoRA layers are inside it)."""
+    model = unwrapped(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unwrapped(model):
+    """The model an engine wraps (DDP and DeepSpeed hold it as `.module`), or the model itself."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def synchronised_in_forward(model) -> bool:
+    """Whether an engine does its work in the model's forward: DDP and DeepSpeed wrap the model;
+    FSDP2 makes its modules FSDPModules (gathering the shards before they run)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return unwrapped(model) is not model or isinstance(model, FSDPModule)
 
 
 def transforms_logits(config) -> bool:
@@ -86,12 +109,27 @@ def trained_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     core = core_model(model)
     if needs_full_logits(core):
         return full_logits_loss(model, batch)
+    if synchronised_in_forward(model):
+        keeps_logits = "logits_to_keep" in inspect.signature(core.forward).parameters
+        return forward_loss(model, batch) if keeps_logits else full_logits_loss(model, batch)
     hidden, targets, keep = _trained_hidden(core, batch)
     weight = _fusable_head(core)
     if weight is None:
         logits = core.get_output_embeddings()(hidden).float()
         return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()
     return LinearCrossEntropy.apply(hidden, weight, targets), keep.sum()
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trained_loss` through the model's own forward (causal LMs taking `logits_to_keep`): the
+    head runs at the positions that predict a trained label."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    predicting = F.pad(keep, (0, 1))  # position t predicts label t+1; the last one predicts nothing
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=predicting).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
 
 
 def _trained_hidden(core, batch: dict[str, torch.Tensor]):

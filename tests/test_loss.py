@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dialogtune.collate import CausalCollator
-from dialogtune.loss import full_logits_loss, trained_loss
+from dialogtune.loss import core_model, forward_loss, full_logits_loss, synchronised_in_forward, trained_loss
 
 
 def tiny_llama(vocab=97):
@@ -49,6 +49,47 @@ def test_lora_model_uses_the_same_path():
     loss, _ = trained_loss(model, batch)
     reference, _ = full_logits_loss(model, batch)
     assert abs(loss.item() - reference.item()) < 1e-5
+
+
+def test_the_loss_through_the_forward_equals_the_fused_one_in_value_and_gradients():
+    model = tiny_llama()
+    batch = packed_batch()
+    loss, count = forward_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused, fused_count = trained_loss(model, batch)
+    fused.backward()
+    assert int(count) == int(fused_count) == 5
+    assert abs(loss.item() - fused.item()) < 1e-5
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-6), name
+
+
+class Wrapper(torch.nn.Module):
+    """Holds the model as `.module` and runs it in its forward, as DDP and DeepSpeed do."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def test_a_wrapped_model_is_run_through_its_wrappers_forward():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    wrapped = Wrapper(model)
+    assert synchronised_in_forward(wrapped) and not synchronised_in_forward(model)
+    assert core_model(wrapped) is model.get_base_model()
+    loss, count = trained_loss(wrapped, packed_batch())
+    assert wrapped.calls == 1  # the engine's forward ran: that is where it synchronises
+    reference, _ = trained_loss(model, packed_batch())
+    assert abs(loss.item() - reference.item()) < 1e-5 and int(count) == 5
 
 
 def test_collator_pads_as_a_separate_sequence_without_mask():

@@ -23,10 +23,12 @@ from dialogtune.records import RUN_INFO_FILE, PreparedInfo, RunInfo
 FINAL = "final"
 
 
-def save_final(model, tokenizer, manifest: PreparedInfo, config: TrainJobConfig, run: Path) -> Path:
+def save_final(model, tokenizer, manifest: PreparedInfo, config: TrainJobConfig, run: Path,
+               state_dict: dict | None = None) -> Path:
+    """final/: the model (or adapter); `state_dict`: the whole weights gathered from a sharded run."""
     final = run / FINAL
     with staged_dir(final) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.chat_template = manifest.template.source
         tokenizer.save_pretrained(staging)
         RunInfo.of_training(manifest, version=dialogtune.__version__, method=config.method,

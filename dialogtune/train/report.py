@@ -16,17 +16,20 @@ class MetricsWriter(TrainerCallback):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "loss.png"
 
+    # Every process of a multi-process run calls these; the main one writes.
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and state.is_world_process_zero:
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
             with open(self.metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        plot_losses(self.metrics_path, self.plot_path)
+        if state.is_world_process_zero:
+            plot_losses(self.metrics_path, self.plot_path)
 
     def on_train_end(self, args, state, control, **kwargs):
-        plot_losses(self.metrics_path, self.plot_path)
+        if state.is_world_process_zero:
+            plot_losses(self.metrics_path, self.plot_path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -34,6 +34,7 @@ from dialogtune.models import load_tokenizer
 from dialogtune.prepare import prepare, tokenizer_hash
 from dialogtune.records import PreparedInfo
 from dialogtune.train.attention import restore_attention, use_segment_attention
+from dialogtune.train.distributed import check_engine, engine_arguments, launched_processes, processes_on_cpu
 from dialogtune.train.malloc import keep_freed_memory
 from dialogtune.train.model import load_model, pick_precision
 from dialogtune.train.report import MetricsWriter, read_metrics
@@ -45,7 +46,9 @@ PROTECTED = {
     "save_total_limit": "; set eval.keep_best instead", "metric_for_best_model": "; set eval.metric instead",
     "greater_is_better": "; set eval.greater_is_better instead",
     "load_best_model_at_end": "; set eval.keep_best instead", "remove_unused_columns": "",
-    "resume_from_checkpoint": "; set resume instead",
+    "resume_from_checkpoint": "; set resume instead", "fsdp": "; set distributed instead",
+    "fsdp_config": "; set distributed instead", "deepspeed": "; set distributed instead",
+    "use_cpu": "; several processes without a GPU use the CPU by themselves",
 }
 RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
 
@@ -94,7 +97,7 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
         return TrainingArguments(
             output_dir=str(run / "checkpoints"),
             remove_unused_columns=False, save_total_limit=None, bf16=precision == "bf16", fp16=precision == "fp16",
-            **{**defaults, **config.train})
+            **engine_arguments(config.distributed), **{**defaults, **config.train})
     except (ValueError, TypeError) as err:
         raise ConfigError(f"train: {err}") from err
 
@@ -111,13 +114,16 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     by a signal returns {interrupted, step, checkpoint}; processes other than the main one
     of a multi-process run return {steps} alone."""
     if config.task.name == "memory":  # streams of whole dialogues, not batches of examples
+        if launched_processes() > 1:
+            raise RunError("task: memory trains in one process (each stream's memory is carried from one step to"
+                           " the next); start it with `dialogtune train`, not torchrun or accelerate launch")
         from dialogtune.train.memory_run import train_memory
 
         return train_memory(config, overwrite=overwrite, resume=resume, quiet=quiet)
     from accelerate import PartialState
 
     started = time.perf_counter()
-    state = PartialState()  # under `accelerate launch`, one of several processes
+    state = PartialState(cpu=processes_on_cpu())  # under torchrun or `accelerate launch`, one of several
     run = Path(config.run_dir)
     resume = resume or config.resume == "auto"
     if state.is_main_process:
@@ -131,7 +137,9 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
 
     import datasets
 
-    train_set = datasets.load_from_disk(str(prepared.directory / "train"))
+    from dialogtune.train.shards import open_train_split
+
+    train_set = open_train_split(prepared.directory / "train", config)  # loaded, or a stream with `stream:`
     has_validation = (prepared.directory / "validation").exists()
     eval_set = datasets.load_from_disk(str(prepared.directory / "validation")) if has_validation else None
     args = training_arguments(config, run, precision, has_validation)
@@ -159,6 +167,7 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
                             data_collator=collator, processing_class=tokenizer, keep_best=config.eval.keep_best,
                             best_metric=config.eval.metric, greater_is_better=config.eval.greater_is_better,
                             max_bad_steps=config.max_bad_steps, callbacks=[MetricsWriter(run)])
+    check_engine(config.distributed, engine_name(trainer))
     checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
     before = None
     if eval_set is not None and checkpoint is None:
@@ -176,22 +185,25 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
                 "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     restore_attention(core_model(trainer.model))  # the saved model is loaded for generation: standard attention
+    # A sharded model (FSDP, ZeRO-3) is gathered whole by all processes together; rank 0 saves it.
+    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded(trainer) else None
+    tokens, trained_tokens = trainer.tokens_across_processes()
     if not state.is_main_process:  # the other processes are done: saving and reporting is rank 0's
         return {"steps": trainer.state.global_step}
     from dialogtune.train.export import save_final
 
-    final = save_final(trainer.model, tokenizer, manifest, config, run)
+    final = save_final(trainer.model, tokenizer, manifest, config, run, state_dict=whole)
     seconds = time.perf_counter() - started
     runtime = max(output.metrics.get("train_runtime", seconds), 1e-9)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     summary = {
         "run_dir": str(run), "final": str(final), "steps": trainer.state.global_step, "seconds": round(seconds, 1),
-        "train_seconds": round(runtime, 1), "tokens": trainer.tokens_seen,
-        "trained_tokens": trainer.trained_tokens_seen, "tokens_per_s": round(trainer.tokens_seen / runtime, 1),
-        "trained_tokens_per_s": round(trainer.trained_tokens_seen / runtime, 1),
+        "train_seconds": round(runtime, 1), "tokens": tokens, "trained_tokens": trained_tokens,
+        "tokens_per_s": round(tokens / runtime, 1), "trained_tokens_per_s": round(trained_tokens / runtime, 1),
         "peak_memory_mb": peak_memory_mb(), "train_loss_last": losses[-1] if losses else None,
         "eval_loss_before": before, "eval_loss_after": after, "skipped_steps": trainer.bad_steps,
-        "precision": precision, "segment_attention": segments,
+        "precision": precision, "segment_attention": segments, "processes": state.num_processes,
+        "engine": engine_name(trainer),
     }
     write_json(run / "summary.json", summary)
     return summary
@@ -206,6 +218,20 @@ def write_run_record(run: Path, config: TrainJobConfig, args, prepared: Path, ma
         "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
         "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint, "precision": precision,
         "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict(), **extra})
+
+
+def sharded(trainer: DialogTrainer) -> bool:
+    """Whether the weights are split across processes (FSDP, or DeepSpeed ZeRO-3)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+
+def engine_name(trainer: DialogTrainer) -> str:
+    if trainer.is_fsdp_enabled:
+        return "fsdp"
+    if trainer.is_deepspeed_enabled:
+        return f"deepspeed-zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if trainer.accelerator.num_processes > 1 else "single"
 
 
 def peak_memory_mb() -> float:

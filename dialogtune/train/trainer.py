@@ -95,8 +95,8 @@ class DialogTrainer(Trainer):
 
     # -- logging ----------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            now, tokens, trained = time.perf_counter(), self.tokens_seen, self.trained_tokens_seen
+        if "loss" in logs:  # every process logs at the same step: the sum over them is a collective
+            now, (tokens, trained) = time.perf_counter(), self.tokens_across_processes()
             then, tokens_before, trained_before = self._last_log
             seconds = max(now - then, 1e-9)
             logs["tokens_per_s"] = round((tokens - tokens_before) / seconds, 1)
@@ -104,6 +104,12 @@ class DialogTrainer(Trainer):
             logs["skipped_steps"] = self.bad_steps
             self._last_log = (now, tokens, trained)
         super().log(logs, start_time)
+
+    def tokens_across_processes(self) -> tuple[int, int]:
+        """Tokens and trained tokens of all processes together (each counts its own batches)."""
+        counts = torch.tensor([self.tokens_seen, self.trained_tokens_seen], device=self.args.device)
+        counts = self.accelerator.reduce(counts, "sum")
+        return int(counts[0]), int(counts[1])
 
     # -- checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
