@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import datasets
 import pytest
 import torch
 import yaml
@@ -82,6 +83,7 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tmp_path
     summary_two = json.loads((tmp_path / "two" / "summary.json").read_text())
     # Each process counts its own batches; the run reports both processes' tokens together.
     assert summary_two["processes"] == 2 and summary_two["engine"] == "ddp"
+    assert summary_two["segment_attention"] is True  # padding-free rows, attention inside each example
     assert summary_two["trained_tokens"] == summary_one["trained_tokens"] > 0
     # Only the main process writes: one line per logged step, not one per process.
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == \
@@ -89,8 +91,8 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tmp_path
 
 
 def test_lora_with_validation_resumes_across_processes_as_an_unbroken_run(tmp_path, tiny_model_dir):
-    lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "split": {"validation": 0.25},
-            "eval": {"every": 2}}
+    lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "split": {"validation": 0.15},
+            "eval": {"every": 2}}  # 5 validation rows: not a whole number of batches on 2 processes
     steps = {"max_steps": 4, "learning_rate": 0.02, "optim": "adamw_torch", "save_strategy": "steps"}
 
     def lora_job(run, batch, **train_keys):
@@ -110,12 +112,15 @@ def test_lora_with_validation_resumes_across_processes_as_an_unbroken_run(tmp_pa
     whole, broken = step_losses(tmp_path / "whole"), step_losses(tmp_path / "broken")
     assert len(whole) == 4 and broken == pytest.approx(whole, abs=1e-6)
     assert step_losses(tmp_path / "moved") == pytest.approx(whole, abs=1e-5)
-    # Validation is token-weighted over both processes' shares: one process computes the same.
-    def eval_losses(run):
+    # Validation is token-weighted over both processes' shares, no row counted twice: one process
+    # computes the same.
+    def evaluations(run, key):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [record["eval_loss"] for record in map(json.loads, lines) if "eval_loss" in record]
+        return [record[key] for record in map(json.loads, lines) if key in record]
 
-    assert eval_losses("whole") == pytest.approx(eval_losses("single"), abs=1e-5)
+    assert len(datasets.load_from_disk(str(tmp_path / "prepared" / "validation"))) == 5
+    assert evaluations("whole", "eval_tokens") == evaluations("single", "eval_tokens")
+    assert evaluations("whole", "eval_loss") == pytest.approx(evaluations("single", "eval_loss"), abs=1e-5)
     assert step_losses(tmp_path / "single") == pytest.approx(whole, abs=1e-5)
     saved = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
     assert saved == ["checkpoint-2", "checkpoint-4"]  # one checkpoint per save, written by all, published once

@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from dialogtune.loss import core_model, trained_loss
+from dialogtune.tokenize import IGNORE_INDEX
 
 STAGING = ".staging"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -68,7 +69,8 @@ class DialogTrainer(Trainer):
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        dataloader = self.get_eval_dataloader(eval_dataset)
+        dataloader = self.get_eval_dataloader(self.even_for_processes(
+            eval_dataset if eval_dataset is not None else self.eval_dataset))
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         was_training = model.training
         model.eval()
@@ -92,6 +94,20 @@ class DialogTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def even_for_processes(self, dataset):
+        """The validation set with rows that train nothing appended, so that every process gets the
+        same number of full batches: Accelerate would otherwise repeat real rows to even them out,
+        and those would count twice in the token-weighted loss."""
+        unit = self.accelerator.num_processes * self.args.per_device_eval_batch_size
+        missing = -len(dataset) % unit
+        if self.accelerator.num_processes == 1 or missing == 0:
+            return dataset
+        import datasets
+
+        filler = dataset.select([0] * missing).to_dict()
+        filler["labels"] = [[IGNORE_INDEX] * len(labels) for labels in filler["labels"]]
+        return datasets.concatenate_datasets([dataset, datasets.Dataset.from_dict(filler, features=dataset.features)])
 
     # -- logging ----------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
