@@ -223,7 +223,10 @@ class _GuardCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        # Sharded gradients (FSDP) are checked by their holders: all processes skip or none does.
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        bad_here = torch.tensor(float(not all(bool(torch.isfinite(g).all()) for g in local)), device=args.device)
+        finite = self.trainer.accelerator.reduce(bad_here, "sum").item() == 0
         if finite:
             self.trainer.bad_in_a_row = 0
             return
