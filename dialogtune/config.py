@@ -100,6 +100,8 @@ class PrepareConfig(Strict):
     template: TemplateConfig = TemplateConfig()
     max_length: int = Field(default=1024, gt=8)
     pack: bool = False
+    pack_buffer: int = Field(default=5_000, ge=1)  # examples packed together (best-fit-decreasing within each)
+    num_proc: int = Field(default=1, ge=1)  # processes that tokenize; the result is the same for any number
     output: str = "prepared"
     strict: bool = False  # stop at the first bad record instead of counting it
 
@@ -148,6 +150,34 @@ class MemoryConfig(Strict):
     reset: Literal["dialogue", "session"] = "dialogue"  # when a stream's memory starts afresh
 
 
+class DistributedConfig(Strict):
+    """How the processes of `accelerate launch`/`torchrun` share the work (dialogtune.train.distributed);
+    a run of one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"  # ddp: a whole replica per process; fsdp/deepspeed shard it
+    zero_stage: Literal[2, 3] = 3  # deepspeed: 2 shards optimizer state and gradients, 3 the weights too
+    activation_checkpointing: bool = False  # fsdp: recompute each decoder layer in backward (its own, no extra gather)
+    cpu_offload: bool = False  # fsdp: sharded weights and optimizer on CPU; deepspeed: optimizer (and stage-3 weights)
+
+    @model_validator(mode="after")
+    def _keys_of_the_strategy(self) -> DistributedConfig:
+        # A key another engine reads would be ignored without a word: refuse it instead.
+        readers = {"zero_stage": ("deepspeed",), "activation_checkpointing": ("fsdp",),
+                   "cpu_offload": ("fsdp", "deepspeed")}
+        for key in sorted(self.model_fields_set & set(readers)):
+            if self.strategy not in readers[key]:
+                hint = "; for ddp and deepspeed set train.gradient_checkpointing" if key == "activation_checkpointing" else ""
+                raise ValueError(f"{key} applies to strategy {' or '.join(readers[key])}, not {self.strategy}{hint}")
+        return self
+
+
+class StreamConfig(Strict):
+    """`stream:`: train reads the prepared train split as a stream (dialogtune.train.shards)."""
+
+    shuffle_buffer: int = Field(default=10_000, ge=1)  # rows shuffled together
+    seed: int = 0  # the shuffle's seed; epoch e shuffles with seed + e
+
+
 class TrainJobConfig(PrepareConfig):
     """A whole job: the prepare sections plus how to train. `train:` goes to
     transformers.TrainingArguments unchanged (learning_rate, num_train_epochs, max_steps, ...)."""
@@ -163,6 +193,13 @@ class TrainJobConfig(PrepareConfig):
     max_bad_steps: int = Field(default=3, ge=1)  # non-finite steps in a row before the run stops
     samples: int = Field(default=2, ge=0)  # replies generated from validation prompts at the end
     memory: MemoryConfig = MemoryConfig()  # task: memory
+    distributed: DistributedConfig = DistributedConfig()  # several processes: DDP, FSDP or DeepSpeed
+    stream: StreamConfig | None = None  # stream the train split (`stream: true` for the defaults); unset: load it
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_switch(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

@@ -5,11 +5,15 @@ still fits it. `position_ids` restart at 0 for every example; with no attention 
 transformers builds a block-diagonal causal mask from them, so examples in a row never see
 each other (proved in tests/test_packing.py). The plain mode keeps one example a row; the
 collator pads batches.
+
+Over a stream (`pack_stream`), examples are packed a buffer of `buffer` examples at a time:
+memory stays bounded, and a buffer as large as the data gives exactly the whole-set packing.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,29 +47,70 @@ def one_per_row(lengths: list[int]) -> list[list[int]]:
     return [[i] for i in range(len(lengths))]
 
 
-def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+def rows_to_table(input_ids: list[np.ndarray], labels: list[np.ndarray], rows: list[list[int]]) -> pa.Table:
+    """One Arrow row per packed row: input_ids, labels, position_ids (restarting per example)."""
+    def lists(arrays: list[np.ndarray]) -> pa.ListArray:
+        flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+        return list_array(pa.array(flat), np.array([len(a) for a in arrays], dtype=np.int64))
+
+    return pack_examples(pa.table({"input_ids": lists(input_ids), "labels": lists(labels)}), rows)
+
+def pack_examples(examples: pa.Table, rows: list[list[int]]) -> pa.Table:
+    """One Arrow row per packed row. Every column of `examples` holds a list per example; a row's
+    value in each column is its examples' lists concatenated in row order. `position_ids`
+    (restarting per example) follows `labels`."""
+    order = pa.array([i for row in rows for i in row], type=pa.int64())
+    per_row = np.array([len(row) for row in rows], dtype=np.int64)
+    lengths = _lengths(examples.column("input_ids").take(order).combine_chunks())  # tokens of each, in row order
+    columns = {}
+    for name in examples.column_names:  # one column at a time: a buffer's copies are made one by one
+        lists = examples.column(name).take(order).combine_chunks()
+        columns[name] = list_array(lists.flatten(), _row_sums(_lengths(lists), per_row))
+        if name == "labels":
+            starts = np.repeat((np.cumsum(lengths) - lengths).astype(np.int32), lengths)
+            positions = np.arange(int(lengths.sum()), dtype=np.int32) - starts
+            columns["position_ids"] = list_array(pa.array(positions), _row_sums(lengths, per_row))
+    return pa.table(columns)
+
+
+def _lengths(lists: pa.ListArray) -> np.ndarray:
+    return lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _row_sums(lengths: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """Per packed row, the sum of its examples' `lengths` (given in row order, `per_row` examples a row)."""
+    totals = np.concatenate([[0], np.cumsum(lengths)])[np.cumsum(per_row)]
+    return np.diff(np.concatenate([[0], totals])).astype(np.int64)
+
+
+def list_array(values: pa.Array, lengths: np.ndarray) -> pa.ListArray:
+    """A list column from its flat values and the length of each list."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if offsets[-1] >= 2**31:  # Arrow list offsets are 32-bit
-        raise DataError(f"a split of {offsets[-1]} tokens is too large for one Arrow list; prepare the data in parts")
-    offsets = offsets.astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        raise DataError(f"{offsets[-1]} values are too many for one Arrow list column; lower pack_buffer")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def rows_to_table(input_ids: list[np.ndarray], labels: list[np.ndarray], rows: list[list[int]]) -> pa.Table:
-    """One Arrow row per packed row: input_ids, labels, position_ids (restarting per example)."""
-    order = [i for row in rows for i in row]
-    lengths = np.array([len(input_ids[i]) for i in order], dtype=np.int32)
-    row_lengths = np.array([sum(len(input_ids[i]) for i in row) for row in rows], dtype=np.int32)
-    if order:
-        ids = np.concatenate([input_ids[i] for i in order])
-        labs = np.concatenate([labels[i] for i in order])
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        positions = (np.arange(len(ids), dtype=np.int64) - starts).astype(np.int32)
-    else:
-        ids = labs = positions = np.zeros(0, dtype=np.int32)
-    return pa.table({
-        "input_ids": _list_array(ids, row_lengths),
-        "labels": _list_array(labs, row_lengths),
-        "position_ids": _list_array(positions, row_lengths),
-    })
+def pack_buffer(examples: pa.Table, capacity: int, pack: bool) -> pa.Table:
+    """Pack a table of examples into rows of at most `capacity` tokens: best-fit-decreasing, or
+    one example a row."""
+    lengths = _lengths(examples.column("input_ids").combine_chunks()).tolist()
+    return pack_examples(examples, pack_best_fit(lengths, capacity) if pack else one_per_row(lengths))
+
+
+def pack_stream(tables: Iterable[pa.Table], capacity: int, buffer: int, pack: bool) -> Iterator[pa.Table]:
+    """Packed rows from a stream of example tables, `buffer` examples at a time (whatever the
+    sizes of the tables coming in: the result depends only on the examples and `buffer`)."""
+    held: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        held.append(table)
+        count += table.num_rows
+        while count >= buffer:
+            whole = pa.concat_tables(held)
+            yield pack_buffer(whole.slice(0, buffer), capacity, pack)
+            rest = whole.slice(buffer)
+            held, count = [rest], rest.num_rows
+    if count:
+        yield pack_buffer(pa.concat_tables(held), capacity, pack)

@@ -3,9 +3,14 @@
     dialogtune prepare examples/sgd_respond.yaml
     dialogtune prepare dataset.txt --format transcript --as Bob --rounds 5 -o out/
 
-The output directory holds `train/` and `validation/` (datasets.save_to_disk), `stats.json`,
-`rejects.jsonl` and `prepare.json` (config, tokenizer, template and fingerprint). A second run
-with the same config, data and tokenizer is a cache hit.
+The output directory holds `train/` and `validation/` (datasets.load_from_disk reads them; Arrow
+shards of up to 500 MB), `stats.json`, `rejects.jsonl` and `prepare.json` (config, tokenizer,
+template and fingerprint). A second run with the same config, data and tokenizer is a cache hit.
+
+Memory stays bounded whatever the size of the data: dialogues stream from the readers through the
+task and the tokenizer (in `num_proc` processes) a batch at a time into an unpacked scratch file;
+then each split is read back, packed `pack_buffer` examples at a time and written shard by shard.
+Only each dialogue's split rank (8 bytes) and the counts are kept throughout.
 """
 
 from __future__ import annotations
@@ -13,18 +18,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
+import os
 import re
 import resource
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 import dialogtune
@@ -33,11 +42,11 @@ from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.errors import ConfigError, DataError, StrictError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.models import load_tokenizer
-from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
+from dialogtune.packing import list_array, pack_stream
 from dialogtune.readers import TOOL_CALL_FORMATS, detect_format, read_dialogues
 from dialogtune.readers._io import no_gc
 from dialogtune.records import PREPARED_FILE, PreparedInfo, TemplateInfo, TokenizerInfo
-from dialogtune.split import validation_groups
+from dialogtune.split import group_rank, validation_cutoff
 from dialogtune.tasks import Example
 from dialogtune.tasks.respond import ALL_SPEAKERS, ToolCallStats, respond
 from dialogtune.tasks.summarize import summarize
@@ -72,7 +81,8 @@ def fingerprint(config: PrepareConfig, tokenizer_id: str, template: ChatTemplate
     digest = hashlib.sha256()
     # Only what preparing reads: a training job's other sections (learning rate, memory, run_dir)
     # must not make a new preparation of the same data.
-    prepare_keys = set(PrepareConfig.model_fields) - {"output", "strict"}
+    # num_proc: how many processes tokenize changes nothing that is written.
+    prepare_keys = set(PrepareConfig.model_fields) - {"output", "strict", "num_proc"}
     settings = config.model_dump(mode="json", by_alias=True, include=prepare_keys)
     digest.update(json.dumps([dialogtune.__version__, OUTPUT_FORMAT, settings], sort_keys=True).encode())
     digest.update(tokenizer_id.encode())
@@ -209,90 +219,64 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     require_targets(config)
     prompts = understand_prompts(config, tokenizer)
     tool_stats = ToolCallStats()
-    encoder = ExampleEncoder(tokenizer, template, config.max_length)
-    tok_stats = TokenizeStats()
-    rejects: list[Reject] = []
-    speakers: Counter[str] = Counter()
-    tokenized: list[Tokenized] = []
-    dialogues = 0
-    sampled_out = 0
-    pending: list[Example] = []
-    notes: list[str] = []  # what readers noticed about whole files (mostly narration, say)
-
-    def note_reject(reject: Reject) -> None:
-        if config.strict and reject.stage != UNUSED:
-            raise StrictError(f"{reject} (stopped: --strict)")
-        rejects.append(reject)
-
-    # Tokenizing runs in a worker thread (Rust, no GIL) while this thread labels the previous
-    # batch and reads and renders the next.
-    worker = ThreadPoolExecutor(max_workers=1)
-    in_flight: list[tuple[list[Example], list, Future]] = []
-
-    def collect(keep: int = 0) -> None:
-        while len(in_flight) > keep:
-            batch, rendered, future = in_flight.pop(0)
-            tokenized.extend(encoder.label(batch, rendered, future.result(), tok_stats))
-
-    def flush() -> None:
-        kept, rendered = encoder.render_batch(pending, tok_stats)
-        in_flight.append((kept, rendered, worker.submit(encoder.tokenize, rendered)))
-        pending.clear()
-        collect(keep=1)  # label the previous batch while the worker tokenizes this one
-
-    bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
-    try:
-        with no_gc():
-            for path in config.data.path:
-                for item in read_dialogues(Path(path), config.data.format, notes=notes, **reader_options(config)):
-                    if isinstance(item, Reject):
-                        note_reject(item)
-                        continue
-                    if not sampled(item, config.data.sample):
-                        sampled_out += 1
-                        continue
-                    dialogues += 1
-                    bar.update()
-                    speakers.update(t.speaker for t in item.turns if t.speaker)
-                    made = examples_of(item, config, prompts, tool_stats)
-                    if isinstance(made, Reject):
-                        note_reject(made)
-                        continue
-                    pending.extend(made)
-                    if len(pending) >= BATCH:
-                        flush()
-                if config.strict and notes:
-                    raise StrictError(f"{notes[0]} (stopped: --strict)")
-            flush()
-            collect()
-    finally:
-        worker.shutdown(cancel_futures=True)
-        bar.close()
-    for reject in tok_stats.rejects:
-        note_reject(reject)
-    if not tokenized:
-        raise DataError(no_examples_message(config, dialogues, speakers, rejects))
-
-    groups = {t.example.group for t in tokenized}
-    held_out = validation_groups(groups, config.split.validation, config.split.seed)
-    warnings = list(notes)
-    if config.split.validation > 0 and not held_out:
-        warnings.append(no_split_warning(len(groups), data_formats(config)))
-    if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
-        absent = [name for name in config.task.speakers_as or [] if name not in speakers]
-        if absent:
-            warnings.append(f"speaker {', '.join(map(repr, absent))} never occurs (speakers: "
-                            + ", ".join(name for name, _ in speakers.most_common(12)) + ")")
-    parts = {split: [t for t in tokenized if (t.example.group in held_out) == (split == "validation")]
-             for split in SPLITS}
     with staged_dir(out, may_replace=is_prepared_dataset) as staging:
+        # Pass 1, streamed: dialogues -> examples -> tokens, written unpacked to a scratch file;
+        # pass 2: each split read back, packed a buffer at a time and written in shards.
+        scratch = staging / EXAMPLES_FILE
+        reading = Reading(config, RejectLog(staging / "rejects.jsonl", config.strict))
+        tok_stats = TokenizeStats()
+        tok_rejects = RejectLog(staging / TOKENIZE_REJECTS_FILE, strict=False)  # listed after the readers' ones
+        first_bad: Reject | None = None  # --strict stops at it once reading is done, as the readers' come first
+        ranks: list[np.ndarray] = []  # each tokenized group's rank: the split, decided once all are known
+        bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
+        try:
+            with no_gc(), pa.ipc.new_stream(str(scratch), EXAMPLES_SCHEMA) as writer:
+                batches = reading.example_batches(prompts, tool_stats, bar)
+                for table, stats in encoded_tables(batches, tokenizer, template, config):
+                    for reject in stats.rejects:
+                        tok_rejects.add(reject)
+                        if first_bad is None and reject.stage != UNUSED:
+                            first_bad = reject
+                    stats.rejects.clear()  # in the log: only the counts are kept
+                    tok_stats.merge(stats)
+                    writer.write_table(table)
+                    ranks.append(np.unique(table.column("group_rank").to_numpy()))
+        finally:
+            bar.close()
+        tok_rejects.close()
+        if config.strict and first_bad is not None:
+            raise StrictError(f"{first_bad} (stopped: --strict)")
+        rejects = reading.rejects
+        with open(staging / TOKENIZE_REJECTS_FILE, encoding="utf-8") as fh:
+            for line in fh:
+                rejects.add_line(json.loads(line))
+        rejects.close()
+        (staging / TOKENIZE_REJECTS_FILE).unlink()
+        groups = np.unique(np.concatenate(ranks)) if ranks else np.zeros(0, np.uint64)
+        if not len(groups):
+            raise DataError(no_examples_message(config, reading.dialogues, reading.speakers,
+                                                [r["reason"] for r in read_rejects(staging)]))
+        cutoff = validation_cutoff(groups, config.split.validation)
+        held_out = int(np.count_nonzero(groups <= cutoff)) if cutoff is not None else 0
+        warnings = list(reading.notes)
+        if config.split.validation > 0 and not held_out:
+            warnings.append(no_split_warning(len(groups), data_formats(config)))
+        speakers = reading.speakers
+        if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
+            absent = [name for name in config.task.speakers_as or [] if name not in speakers]
+            if absent:
+                warnings.append(f"speaker {', '.join(map(repr, absent))} never occurs (speakers: "
+                                + ", ".join(name for name, _ in speakers.most_common(12)) + ")")
         with datasets_bars(shown=not quiet):
-            split_stats = {split: write_split(staging / split, items, config, f"{key}-{split}")
-                           for split, items in parts.items()}
+            split_stats = {split: write_split(staging / split, split_examples(scratch, cutoff, split), config,
+                                              f"{key}-{split}") for split in SPLITS}
+        split_stats["train"]["dialogues"] = len(groups) - held_out
+        split_stats["validation"]["dialogues"] = held_out
+        scratch.unlink()
         elapsed = time.perf_counter() - started
-        stats = summary(config, dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
+        stats = summary(reading.dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
         if config.data.sample is not None:
-            stats["sampled_out"] = sampled_out  # dialogues data.sample left out (not rejects: by choice)
+            stats["sampled_out"] = reading.sampled_out  # dialogues data.sample left out (not rejects: by choice)
         if prompts is not None:
             stats["understand"] = {"turns": prompts.stats.turns,
                                    "gold_not_retrieved": prompts.stats.gold_not_retrieved,
@@ -308,14 +292,276 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                 warnings.append(f"task.tool_calls: no turn by {', '.join(config.task.speakers_as or [])} made a"
                                 " service call (SGD's calls are the SYSTEM side's)")
         stats["warnings"] = warnings
-        stats["reader_notes"] = notes  # kept apart: --strict refuses them on a cache hit too
+        stats["reader_notes"] = reading.notes  # kept apart: --strict refuses them on a cache hit too
         write_json(staging / "stats.json", stats)
-        write_rejects(staging, rejects)
         manifest(config, tokenizer, tokenizer_id, template, key, speakers).save(staging)
     if not quiet:
         print(summary_line(out, stats))
     print_warnings(stats)
     return Prepared(out, stats, False)
+
+
+class RejectLog:
+    """rejects.jsonl written as rejects come (nothing kept in memory but the counts by reason);
+    with `strict`, a bad record stops the preparation instead."""
+
+    def __init__(self, path: Path, strict: bool):
+        self.strict = strict
+        self.count = 0
+        self.by_reason: Counter[str] = Counter()
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close(), or with the staging dir)
+
+    def add(self, reject: Reject) -> None:
+        if self.strict and reject.stage != UNUSED:
+            raise StrictError(f"{reject} (stopped: --strict)")
+        self.add_line(reject.as_dict())
+
+    def add_line(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+        self.by_reason[f"{record['stage']}: {reason_kind(record['reason'])}"] += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Reading:
+    """Pass 1's first half: dialogues from the readers through the task into batches of
+    examples, counting as it goes (dialogues, speakers, readers' notes, rejects)."""
+
+    def __init__(self, config: PrepareConfig, rejects: RejectLog):
+        self.config = config
+        self.rejects = rejects
+        self.dialogues = 0
+        self.sampled_out = 0
+        self.speakers: Counter[str] = Counter()
+        self.notes: list[str] = []  # what readers noticed about whole files (mostly narration, say)
+
+    def example_batches(self, prompts: UnderstandPrompts | None, tool_stats: ToolCallStats,
+                        bar) -> Iterator[list[Example]]:
+        config = self.config
+        pending: list[Example] = []
+        for path in config.data.path:
+            for item in read_dialogues(Path(path), config.data.format, notes=self.notes, **reader_options(config)):
+                if isinstance(item, Reject):
+                    self.rejects.add(item)
+                    continue
+                if not sampled(item, config.data.sample):
+                    self.sampled_out += 1
+                    continue
+                self.dialogues += 1
+                bar.update()
+                self.speakers.update(t.speaker for t in item.turns if t.speaker)
+                made = examples_of(item, config, prompts, tool_stats)
+                if isinstance(made, Reject):
+                    self.rejects.add(made)
+                    continue
+                pending.extend(made)
+                if len(pending) >= BATCH:
+                    yield pending
+                    pending = []
+            if config.strict and self.notes:
+                raise StrictError(f"{self.notes[0]} (stopped: --strict)")
+        if pending:
+            yield pending
+
+
+# -- tokenizing, in this process or in `num_proc` worker processes --------------------
+def encoded_tables(batches: Iterator[list[Example]], tokenizer, template: ChatTemplate,
+                   config: PrepareConfig) -> Iterator[tuple[pa.Table, TokenizeStats]]:
+    """Each batch of examples as an examples table (EXAMPLES_SCHEMA) and its tokenizing stats, in
+    the order the batches come: the same tables whatever `num_proc`."""
+    if config.num_proc > 1:
+        yield from _encoded_in_processes(batches, tokenizer, template, config)
+        return
+    encoder = ExampleEncoder(tokenizer, template, config.max_length)
+    # Tokenizing runs in a worker thread (Rust, no GIL) while this thread labels the previous
+    # batch and reads and renders the next.
+    worker = ThreadPoolExecutor(max_workers=1)
+    in_flight: deque[tuple[list[Example], list, Future, TokenizeStats]] = deque()
+
+    def labelled() -> tuple[pa.Table, TokenizeStats]:
+        kept, rendered, future, stats = in_flight.popleft()
+        return examples_table(list(encoder.label(kept, rendered, future.result(), stats)), config.split.seed), stats
+
+    try:
+        for batch in batches:
+            stats = TokenizeStats()
+            kept, rendered = encoder.render_batch(batch, stats)
+            in_flight.append((kept, rendered, worker.submit(encoder.tokenize, rendered), stats))
+            if len(in_flight) > 1:  # label the previous batch while the worker tokenizes this one
+                yield labelled()
+        while in_flight:
+            yield labelled()
+    finally:
+        worker.shutdown(cancel_futures=True)
+
+
+_WORKER: tuple[ExampleEncoder, int] | None = None  # a worker process's encoder and split seed
+
+
+def _start_worker(tokenizer, template: ChatTemplate, max_length: int, seed: int) -> None:
+    global _WORKER
+    # Each process is one core's share: the Rust tokenizer's own threads would only contend.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = (ExampleEncoder(tokenizer, template, max_length), seed)
+
+
+def _encode_in_worker(examples: list[Example]) -> tuple[pa.Table, TokenizeStats]:
+    encoder, seed = _WORKER
+    stats = TokenizeStats()
+    return examples_table(list(encoder.encode(examples, stats)), seed), stats
+
+
+def _encoded_in_processes(batches: Iterator[list[Example]], tokenizer, template: ChatTemplate,
+                          config: PrepareConfig) -> Iterator[tuple[pa.Table, TokenizeStats]]:
+    # Reading and the tasks stay here (they keep the counts); workers render, tokenize and label.
+    # At most two batches a worker are in flight, so memory stays bounded however fast reading is.
+    # fork: a worker starts in milliseconds with the tokenizer already loaded (spawn re-imports
+    # transformers in each, seconds).
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(config.num_proc, mp_context=context, initializer=_start_worker,
+                               initargs=(tokenizer, template, config.max_length, config.split.seed))
+    in_flight: deque[Future] = deque()
+    try:
+        for batch in batches:
+            in_flight.append(pool.submit(_encode_in_worker, batch))
+            if len(in_flight) >= 2 * config.num_proc:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# -- the examples table: one row per tokenized example, what packing concatenates -------
+EXAMPLES_FILE = ".examples.arrow"  # pass 1's scratch file, inside the staging directory
+TOKENIZE_REJECTS_FILE = ".tokenize-rejects.jsonl"
+_INTS, _TEXTS = pa.list_(pa.int32()), pa.list_(pa.string())
+EXAMPLES_SCHEMA = pa.schema([
+    ("input_ids", _INTS), ("labels", _INTS),
+    ("dialogue_ids", _TEXTS),
+    # The session of each trained turn, in order (-1 where the data has none): per-session perplexity.
+    ("turn_sessions", _INTS),
+    # The message each trained turn answers, in order: what `dialogtune train` shows its sample replies to.
+    ("answered_messages", _TEXTS),
+    # Each trained message's text as the data had it, in order: evaluation's references, the same
+    # whatever a model's tokenizer makes of them (T5 and lowercasing tokenizers do not decode it back).
+    ("trained_messages", _TEXTS),
+    # The example's system message ("" for none): the head evaluation keeps when it cuts a long context.
+    ("system_messages", _TEXTS),
+    ("group_rank", pa.uint64()),  # the split's rank of the example's group (split.group_rank); not written out
+])
+
+
+def examples_table(items: list[Tokenized], seed: int) -> pa.Table:
+    lengths = np.array([len(t.input_ids) for t in items], dtype=np.int64)
+
+    def ints(arrays: list[np.ndarray]) -> pa.ListArray:
+        flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+        return list_array(pa.array(flat), lengths)
+
+    messages = [t.example.messages for t in items]
+    return pa.table([
+        ints([t.input_ids for t in items]), ints([t.labels for t in items]),
+        pa.array([[t.example.dialogue_id] for t in items], _TEXTS),
+        pa.array([[m.get("session", -1) for m in ms if m["train"]] for ms in messages], _INTS),
+        pa.array([answered_messages(ms) for ms in messages], _TEXTS),
+        pa.array([[m["content"] or "" for m in ms if m["train"]] for ms in messages], _TEXTS),
+        pa.array([[system_message(ms)] for ms in messages], _TEXTS),
+        pa.array([group_rank(seed, t.example.group) for t in items], pa.uint64()),
+    ], schema=EXAMPLES_SCHEMA)
+
+
+def split_examples(scratch: Path, cutoff: int | None, split: str) -> Iterator[pa.Table]:
+    """The examples of one split from the scratch file, a batch at a time, in their original order.
+    A group is held out for validation when its rank is at most `cutoff` (None: none is)."""
+    if cutoff is None and split == "validation":
+        return
+    with pa.OSFile(str(scratch)) as source, pa.ipc.open_stream(source) as reader:
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            if cutoff is not None:
+                held_out = pc.less_equal(table.column("group_rank"), pa.scalar(cutoff, pa.uint64()))
+                table = table.filter(held_out if split == "validation" else pc.invert(held_out))
+            if table.num_rows:
+                yield table.drop_columns(["group_rank"])
+
+
+# -- writing a split: packed a buffer at a time, in shards ------------------------------
+SHARD_BYTES = 500 * 2**20  # a new shard file after this much Arrow data (datasets' own default size)
+WRITE_ROWS = 1000  # packed rows handed to the Arrow writer at a time (datasets' own batch size)
+
+
+def write_split(directory: Path, examples: Iterator[pa.Table], config: PrepareConfig, fingerprint: str) -> dict[str, Any]:
+    """Pack and write one split; its counts (without `dialogues`, which the caller knows). An
+    empty split is not written: datasets cannot load a dataset with no rows back."""
+    counts = Counter()
+
+    def counted(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for table in tables:
+            labels = pc.list_flatten(table.column("labels"))
+            counts["rows"] += table.num_rows
+            counts["examples"] += pc.sum(pc.list_value_length(table.column("system_messages"))).as_py() or 0
+            counts["tokens"] += len(labels)
+            counts["trained_tokens"] += pc.sum(pc.not_equal(labels, IGNORE_INDEX).cast(pa.int64())).as_py() or 0
+            yield table
+            # Arrow's allocator (mimalloc) keeps what a buffer freed: measured, peak RSS then grew
+            # by about 10 MB a buffer of 2,000 SGD examples; handed back, it stays flat.
+            pa.default_memory_pool().release_unused()
+
+    write_shards(directory, counted(pack_stream(examples, config.max_length, config.pack_buffer, config.pack)),
+                 fingerprint, SHARD_BYTES)
+    tokens, capacity = counts["tokens"], counts["rows"] * config.max_length
+    return {
+        "examples": counts["examples"],
+        "rows": counts["rows"],
+        "tokens": tokens,
+        "trained_tokens": counts["trained_tokens"],
+        "padding_fraction": round(1 - tokens / capacity, 4) if capacity else 0.0,
+        "packing_efficiency": round(tokens / capacity, 4) if capacity and config.pack else None,
+    }
+
+
+def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, shard_bytes: int) -> int:
+    """Write `tables` as a dataset `datasets.load_from_disk` reads: Arrow shards of about
+    `shard_bytes` each (data-00000-of-0000N.arrow, written by datasets' ArrowWriter as they come),
+    then the state.json and dataset_info.json `Dataset.save_to_disk` writes. Returns the shards."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.py_utils import asdict  # datasets' own (drops unset fields), as save_to_disk uses
+
+    parts: list[Path] = []
+    writer, size, features = None, 0, None
+    for table in tables:
+        if writer is None:
+            if features is None:
+                directory.mkdir(parents=True)
+                features = datasets.Features.from_arrow_schema(table.schema)
+            parts.append(directory / f"data-{len(parts):05d}.partial")
+            writer = ArrowWriter(features=features, path=str(parts[-1]))
+        for batch in table.to_batches(max_chunksize=WRITE_ROWS):  # the writer copies what it is given
+            writer.write_table(pa.Table.from_batches([batch]))
+        size += table.nbytes
+        if size >= shard_bytes:
+            writer.finalize()
+            writer.close()
+            writer, size = None, 0
+    if writer is not None:
+        writer.finalize()
+        writer.close()
+    if not parts:
+        return 0
+    names = [f"data-{index:05d}-of-{len(parts):05d}.arrow" for index in range(len(parts))]
+    for part, name in zip(parts, names, strict=True):
+        part.rename(directory / name)
+    state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": fingerprint,
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    (directory / datasets.config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(datasets.DatasetInfo(features=features))
+    (directory / datasets.config.DATASET_INFO_FILENAME).write_text(json.dumps(dict(sorted(info.items())), indent=2))
+    return len(parts)
 
 
 @contextlib.contextmanager
@@ -338,48 +584,6 @@ def print_warnings(stats: dict[str, Any]) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def write_split(directory: Path, items: list[Tokenized], config: PrepareConfig, fingerprint: str) -> dict[str, Any]:
-    import datasets
-    import pyarrow as pa
-
-    ids = [t.input_ids for t in items]
-    labels = [t.labels for t in items]
-    lengths = [len(x) for x in ids]
-    rows = pack_best_fit(lengths, config.max_length) if config.pack else one_per_row(lengths)
-    table = rows_to_table(ids, labels, rows)
-    names = [[items[i].example.dialogue_id for i in row] for row in rows]
-    # The session of each trained turn, in order (-1 where the data has none): per-session perplexity.
-    sessions = [[m.get("session", -1) for i in row for m in items[i].example.messages if m["train"]] for row in rows]
-    table = table.append_column("dialogue_ids", pa.array(names, type=pa.list_(pa.string())))
-    table = table.append_column("turn_sessions", pa.array(sessions, type=pa.list_(pa.int32())))
-    # The message each trained turn answers, in order: what `dialogtune train` shows its sample replies to.
-    answered = [[text for i in row for text in answered_messages(items[i].example.messages)] for row in rows]
-    table = table.append_column("answered_messages", pa.array(answered, type=pa.list_(pa.string())))
-    # Each trained message's text as the data had it, in order: evaluation's references, the same
-    # whatever a model's tokenizer makes of them (T5 and lowercasing tokenizers do not decode it back).
-    references = [[m["content"] or "" for i in row for m in items[i].example.messages if m["train"]] for row in rows]
-    table = table.append_column("trained_messages", pa.array(references, type=pa.list_(pa.string())))
-    # Each example's system message ("" for none): the head evaluation keeps when it cuts a long context.
-    systems = [[system_message(items[i].example.messages) for i in row] for row in rows]
-    table = table.append_column("system_messages", pa.array(systems, type=pa.list_(pa.string())))
-    # An empty split (validation: 0) is not written: datasets cannot load a table with no rows back.
-    if table.num_rows:
-        # Named by the preparation's own fingerprint: datasets would otherwise hash the table (7 ms).
-        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(directory))
-    tokens = int(sum(lengths))
-    trained = int(sum(int(np.count_nonzero(x != IGNORE_INDEX)) for x in labels))
-    capacity = len(rows) * config.max_length
-    return {
-        "examples": len(items),
-        "rows": len(rows),
-        "tokens": tokens,
-        "trained_tokens": trained,
-        "padding_fraction": round(1 - tokens / capacity, 4) if capacity else 0.0,
-        "packing_efficiency": round(tokens / capacity, 4) if capacity and config.pack else None,
-        "dialogues": len({t.example.group for t in items}),
-    }
-
-
 def answered_messages(messages: list[dict[str, Any]]) -> list[str]:
     """For each trained message, the content of the message before it ("" after a system prompt or none)."""
     return [(messages[k - 1]["content"] or "") if k and messages[k - 1]["role"] != "system" else ""
@@ -391,13 +595,13 @@ def system_message(messages: list[dict[str, Any]]) -> str:
     return (messages[0]["content"] or "") if messages and messages[0]["role"] == "system" else ""
 
 
-def summary(config, dialogues, speakers, rejects, tok_stats: TokenizeStats, split_stats, elapsed) -> dict[str, Any]:
+def summary(dialogues: int, speakers: Counter, rejects: RejectLog, tok_stats: TokenizeStats,
+            split_stats: dict[str, dict], elapsed: float) -> dict[str, Any]:
     tokens = sum(s["tokens"] for s in split_stats.values())
-    by_reason = Counter(f"{r.stage}: {reason_kind(r.reason)}" for r in rejects)
     return {
         "dialogues_read": dialogues,
-        "rejected": len(rejects),
-        "rejected_by_reason": dict(by_reason.most_common()),
+        "rejected": rejects.count,
+        "rejected_by_reason": dict(rejects.by_reason.most_common()),
         "examples": sum(s["examples"] for s in split_stats.values()),
         "tokens": tokens,
         "trained_tokens": sum(s["trained_tokens"] for s in split_stats.values()),
@@ -454,20 +658,21 @@ def read_rejects(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
-def no_examples_message(config: PrepareConfig, dialogues: int, speakers: Counter, rejects: list[Reject]) -> str:
+def no_examples_message(config: PrepareConfig, dialogues: int, speakers: Counter, reasons: list[str]) -> str:
+    """Why nothing can be trained; `reasons`: every reject's reason."""
     if dialogues == 0:
-        reasons = Counter(r.reason for r in rejects).most_common(3)
-        return (f"no dialogues could be read ({len(rejects)} rejected; most common: "
-                + "; ".join(f"{reason} ({n})" for reason, n in reasons) + ")")
+        common = Counter(reasons).most_common(3)
+        return (f"no dialogues could be read ({len(reasons)} rejected; most common: "
+                + "; ".join(f"{reason} ({n})" for reason, n in common) + ")")
     if config.task.name == "respond" and ALL_SPEAKERS not in (config.task.speakers_as or []):
         missing = [s for s in config.task.speakers_as or [] if s not in speakers]
         if missing:
             listed = ", ".join(f"{name} ({count})" for name, count in speakers.most_common(12))
             return (f"speaker {', '.join(map(repr, missing))} never occurs in {dialogues} dialogues;"
                     f" speakers that do: {listed or 'none'}")
-    reasons = Counter(r.reason for r in rejects).most_common(3)
-    return (f"no training examples from {dialogues} dialogues ({len(rejects)} rejected; most common: "
-            + "; ".join(f"{reason} ({n})" for reason, n in reasons) + ")")
+    common = Counter(reasons).most_common(3)
+    return (f"no training examples from {dialogues} dialogues ({len(reasons)} rejected; most common: "
+            + "; ".join(f"{reason} ({n})" for reason, n in common) + ")")
 
 
 # How each format divides a file into dialogues, for when there are too few to split.

@@ -55,6 +55,13 @@ class TokenizeStats:
     def reject(self, example: Example, reason: str) -> None:
         self.rejects.append(Reject(example.source, example.line, reason, stage="tokenize", item=example.dialogue_id))
 
+    def merge(self, other: TokenizeStats) -> None:
+        """Add the counts and rejects of another batch (one a worker process tokenized)."""
+        self.examples_split += other.examples_split
+        self.context_truncated += other.context_truncated
+        self.turns_too_long += other.turns_too_long
+        self.rejects.extend(other.rejects)
+
 
 class ExampleEncoder:
     def __init__(self, tokenizer, template: ChatTemplate, max_length: int, *, by_offsets: bool = False):

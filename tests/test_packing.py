@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from dialogtune.packing import one_per_row, pack_best_fit, rows_to_table
+from dialogtune.packing import one_per_row, pack_best_fit, pack_examples, pack_stream, rows_to_table
 from dialogtune.tasks import Example, message
 from dialogtune.templates import resolve_template
 from dialogtune.tokenize import IGNORE_INDEX, ExampleEncoder, TokenizeStats
@@ -83,3 +86,68 @@ def test_packed_row_loss_equals_the_examples_run_separately(byte_tokenizer):
     leaky = _labelled_loss_sum(model, tensor["input_ids"], tensor["labels"],
                                torch.arange(tensor["input_ids"].shape[1]).unsqueeze(0))
     assert abs(leaky.item() - separate.item()) > 1e-3
+
+
+def _example_table(lengths: list[int], first_id: int = 0) -> pa.Table:
+    """Examples whose tokens are (example number * 1000 + position): every token says where it came from."""
+    ids = [[(first_id + k) * 1000 + p for p in range(n)] for k, n in enumerate(lengths)]
+    return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())),
+                     "labels": pa.array([[-100, *x[1:]] for x in ids], pa.list_(pa.int32())),
+                     "dialogue_ids": pa.array([[f"d{first_id + k}"] for k in range(len(lengths))], pa.list_(pa.string())),
+                     "trained_messages": pa.array([["t"] * (k % 3) for k in range(len(lengths))], pa.list_(pa.string()))})
+
+
+def _chunks(table: pa.Table, sizes: list[int]):
+    start = 0
+    for size in sizes:
+        yield table.slice(start, size)
+        start += size
+    if start < table.num_rows:
+        yield table.slice(start)
+
+
+def test_a_buffer_as_large_as_the_data_packs_exactly_as_the_whole_set():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 120, size=300).tolist()
+    table = _example_table(lengths)
+    whole = pack_examples(table, pack_best_fit(lengths, 128))
+    # The reference for input_ids/labels/position_ids is the whole-set function prepare used before streaming.
+    reference = rows_to_table([np.array(x, np.int32) for x in table["input_ids"].to_pylist()],
+                              [np.array(x, np.int32) for x in table["labels"].to_pylist()], pack_best_fit(lengths, 128))
+    assert whole.select(["input_ids", "labels", "position_ids"]).equals(reference)
+    for buffer in (300, 301, 10_000):
+        streamed = pa.concat_tables(pack_stream(_chunks(table, [7, 50, 1, 100]), 128, buffer, pack=True))
+        assert streamed.equals(whole)
+
+
+def test_a_small_buffer_packs_within_capacity_and_keeps_every_token():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 120, size=250).tolist()
+    table = _example_table(lengths)
+    parts = list(pack_stream(_chunks(table, [33] * 8), 128, buffer=40, pack=True))
+    assert len(parts) == 7  # 6 full buffers of 40, then the last 10
+    for index, part in enumerate(parts):
+        assert all(len(row) <= 128 for row in part["input_ids"].to_pylist())
+        # A buffer packs its own examples, each once, and only them.
+        held = sorted(int(d[1:]) for row in part["dialogue_ids"].to_pylist() for d in row)
+        assert held == list(range(40 * index, min(40 * (index + 1), 250)))
+    packed = pa.concat_tables(parts)
+    # Every token, in its example's order: each example comes back whole from its row.
+    examples = {}
+    for ids, positions in zip(packed["input_ids"].to_pylist(), packed["position_ids"].to_pylist(), strict=True):
+        starts = [k for k, p in enumerate(positions) if p == 0] + [len(ids)]
+        for a, b in itertools.pairwise(starts):
+            examples[ids[a] // 1000] = ids[a:b]
+    assert examples == {k: x for k, x in enumerate(table["input_ids"].to_pylist())}
+    assert sum(len(r) for r in packed["trained_messages"].to_pylist()) == sum(k % 3 for k in range(250))
+    assert packed.num_rows <= len(pack_best_fit(lengths, 128)) * 1.1  # within 10% of packing all at once
+
+
+def test_packing_a_stream_does_not_depend_on_how_it_is_chunked():
+    lengths = np.random.default_rng(3).integers(1, 60, size=120).tolist()
+    table = _example_table(lengths)
+    results = [pa.concat_tables(pack_stream(_chunks(table, sizes), 64, buffer=25, pack=pack))
+               for pack in (True, False) for sizes in ([120], [1] * 120, [24, 26, 3, 50])]
+    assert results[0].equals(results[1]) and results[0].equals(results[2])
+    assert results[3].equals(results[4]) and results[3].equals(results[5])
+    assert results[3]["dialogue_ids"].to_pylist() == [[f"d{k}"] for k in range(120)]  # unpacked: one a row, in order

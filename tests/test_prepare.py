@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import datasets
@@ -311,3 +312,124 @@ def test_tool_calls_need_data_that_records_them(tmp_path, tiny_model_dir):
         prepare(make_config(tmp_path, tiny_model_dir, task={"tool_calls": True}), quiet=True)
     with pytest.raises(ConfigError, match="task.tool_calls belongs to the respond task, not summarize"):
         prepare(make_config(tmp_path, tiny_model_dir, task={"name": "summarize", "tool_calls": True}), quiet=True)
+
+
+# -- streaming: num_proc, the packing buffer, shards ---------------------------------------
+def varied_chats(path, count=60):
+    """Conversations that exercise every path: some too long to keep a turn (tokenize rejects),
+    some with no assistant turn (unused), malformed lines (read rejects), several sessions."""
+    lines = []
+    for i in range(count):
+        reply = " ".join(["a long answer"] * 40) if i % 11 == 3 else f"Answer {i}, the station is near."
+        messages = [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": reply},
+                    {"role": "user", "content": "And then?"}, {"role": "assistant", "content": f"Then {i}."}]
+        if i % 13 == 5:
+            messages = messages[:1]
+        lines.append(json.dumps({"id": f"chat{i}", "messages": messages}))
+        if i % 17 == 2:
+            lines.append("{not json")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def chats_config(tmp_path, model_dir, out, **overrides):
+    raw = {"data": {"path": str(varied_chats(tmp_path / "chats.jsonl"))},
+           "task": {"as": "assistant", "context": {"rounds": 1}}, "split": {"validation": 0.25, "seed": 1},
+           "model": {"name": str(model_dir)}, "template": {"name": "chatml"}, "max_length": 64, "pack": True,
+           "output": str(tmp_path / out)}
+    return build_config({**raw, **overrides})
+
+
+def read_preparation(out):
+    """Every row of both splits, the stats without timings, and rejects.jsonl as written."""
+    splits = {s: datasets.load_from_disk(str(out / s)).to_list() for s in ("train", "validation")}
+    stats = json.loads((out / "stats.json").read_text())
+    for volatile in ("seconds", "dialogues_per_s", "tokens_per_s", "peak_rss_mb"):
+        stats.pop(volatile)
+    return splits, stats, (out / "rejects.jsonl").read_text()
+
+
+def test_two_tokenizing_processes_give_the_same_preparation_as_one(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("dialogtune.prepare.BATCH", 4)  # many batches, so the workers' order matters
+    one = prepare(chats_config(tmp_path, tiny_model_dir, "one", num_proc=1), quiet=True)
+    two = prepare(chats_config(tmp_path, tiny_model_dir, "two", num_proc=2), quiet=True)
+    splits, stats, rejects = read_preparation(tmp_path / "one")
+    assert read_preparation(tmp_path / "two") == (splits, stats, rejects)
+    # The data has all it should: both splits, rejects of every stage, cut turns.
+    assert stats["rejected_by_reason"] == {
+        "tokenize: trained turn … (assistant) does not fit in max_length=… tokens with the turn it answers;"
+        " raise max_length to keep it": 6, "unused: no turn by assistant": 5,
+        "read: malformed JSON: unexpected character, expected a string key (column …)": 4}
+    stages = [r["stage"] for r in map(json.loads, rejects.splitlines())]
+    assert stages[9:] == ["tokenize"] * 6  # as before streaming: the readers' and tasks' rejects, in order, then these
+    assert len(splits["train"]) and len(splits["validation"])
+    # num_proc is not part of the fingerprint: the same preparation, so the second is a cache hit.
+    again = chats_config(tmp_path, tiny_model_dir, "one", num_proc=2)
+    assert prepare(again, quiet=True).cache_hit and one.stats == prepare(again, quiet=True).stats
+    assert not two.cache_hit
+
+
+def examples_of_rows(rows):
+    """The examples packed rows hold, each as (input_ids, labels), cut where position_ids restart."""
+    out = []
+    for row in rows:
+        starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        out += [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in itertools.pairwise(starts)]
+    return out
+
+
+def test_a_packing_buffer_larger_than_the_data_gives_the_whole_set_packing(tmp_path, tiny_model_dir):
+    import numpy as np
+
+    from dialogtune.packing import pack_best_fit, rows_to_table
+
+    plain = prepare(chats_config(tmp_path, tiny_model_dir, "plain", pack=False), quiet=True)
+    packed = prepare(chats_config(tmp_path, tiny_model_dir, "packed", pack_buffer=1000), quiet=True)
+    for split in ("train", "validation"):
+        examples = datasets.load_from_disk(str(tmp_path / "plain" / split)).to_list()  # one a row, in order
+        ids = [np.array(r["input_ids"], np.int32) for r in examples]
+        labels = [np.array(r["labels"], np.int32) for r in examples]
+        rows = pack_best_fit([len(x) for x in ids], 64)  # packing all at once, as prepare did before streaming
+        expected = rows_to_table(ids, labels, rows).to_pylist()
+        got = datasets.load_from_disk(str(tmp_path / "packed" / split)).to_list()
+        assert [{k: r[k] for k in ("input_ids", "labels", "position_ids")} for r in got] == expected
+        assert [r["dialogue_ids"] for r in got] == [[examples[i]["dialogue_ids"][0] for i in row] for row in rows]
+        assert [r["trained_messages"] for r in got] == [
+            [m for i in row for m in examples[i]["trained_messages"]] for row in rows]
+    assert packed.stats["examples"] == plain.stats["examples"] and packed.stats["tokens"] == plain.stats["tokens"]
+
+
+def test_a_small_packing_buffer_keeps_every_token_within_capacity(tmp_path, tiny_model_dir):
+    whole = prepare(chats_config(tmp_path, tiny_model_dir, "whole"), quiet=True).stats
+    small = prepare(chats_config(tmp_path, tiny_model_dir, "small", pack_buffer=5), quiet=True).stats
+    for split in ("train", "validation"):
+        rows = {name: datasets.load_from_disk(str(tmp_path / name / split)).to_list() for name in ("whole", "small")}
+        assert all(len(r["input_ids"]) <= 64 for r in rows["small"])
+        assert sorted(examples_of_rows(rows["small"])) == sorted(examples_of_rows(rows["whole"]))
+        assert sorted(d for r in rows["small"] for d in r["dialogue_ids"]) == \
+            sorted(d for r in rows["whole"] for d in r["dialogue_ids"])
+    assert small["tokens"] == whole["tokens"] and small["trained_tokens"] == whole["trained_tokens"]
+    assert small["splits"]["train"]["rows"] >= whole["splits"]["train"]["rows"]
+
+
+def test_a_split_written_in_shards_loads_to_the_same_rows(tmp_path, tiny_model_dir, monkeypatch):
+    prepare(chats_config(tmp_path, tiny_model_dir, "one_shard"), quiet=True)
+    monkeypatch.setattr("dialogtune.prepare.SHARD_BYTES", 2000)
+    monkeypatch.setattr("dialogtune.prepare.BATCH", 4)
+    prepare(chats_config(tmp_path, tiny_model_dir, "shards", pack_buffer=6), quiet=True)
+    prepare(chats_config(tmp_path, tiny_model_dir, "buffered", pack_buffer=6), force=True, quiet=True)
+    shards = sorted(p.name for p in (tmp_path / "shards" / "train").glob("*.arrow"))
+    assert len(shards) > 2 and shards[0] == f"data-00000-of-{len(shards):05d}.arrow"
+    loaded = datasets.load_from_disk(str(tmp_path / "shards" / "train"))
+    assert len(loaded.cache_files) == len(shards)
+    monkeypatch.setattr("dialogtune.prepare.SHARD_BYTES", 10**9)
+    prepare(chats_config(tmp_path, tiny_model_dir, "buffered", pack_buffer=6), force=True, quiet=True)
+    assert loaded.to_list() == datasets.load_from_disk(str(tmp_path / "buffered" / "train")).to_list()
+    # The metadata is what datasets' own save_to_disk writes for the same rows.
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(loaded.to_list(), features=loaded.features).save_to_disk(str(saved))
+    ours = tmp_path / "shards" / "train"
+    assert json.loads((ours / "dataset_info.json").read_text()) == json.loads((saved / "dataset_info.json").read_text())
+    state, theirs = (json.loads((d / "state.json").read_text()) for d in (ours, saved))
+    assert {k: v for k, v in state.items() if k not in ("_data_files", "_fingerprint")} == \
+        {k: v for k, v in theirs.items() if k not in ("_data_files", "_fingerprint")}
