@@ -67,9 +67,10 @@ def final_weights(run):
     return load_file(str(run / "final" / "model.safetensors"))
 
 
-def test_two_processes_train_what_one_trains_with_the_same_global_batch(tmp_path, tiny_model_dir):
-    one = write_job(tmp_path, tiny_model_dir, "one", batch=4)
-    two = write_job(tmp_path, tiny_model_dir, "two", batch=2)
+@pytest.mark.parametrize("stream", [None, True], ids=["loaded", "streamed"])
+def test_two_processes_train_what_one_trains_with_the_same_global_batch(tmp_path, tiny_model_dir, stream):
+    one = write_job(tmp_path, tiny_model_dir, "one", batch=4, stream=stream)
+    two = write_job(tmp_path, tiny_model_dir, "two", batch=2, stream=stream)
     launch(one, 1)
     launch(two, 2)
     single, double = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")

@@ -93,6 +93,11 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
     }
     if every:
         defaults.update(save_steps=every, eval_steps=every)
+    if config.stream is not None:
+        # Each process reads the stream and keeps its share of every step's rows. Accelerate's
+        # default for streams (the main process reads and sends the batches) needs batches of one
+        # shape, which padding-free batches are not.
+        defaults["accelerator_config"] = {"dispatch_batches": False}
     try:
         return TrainingArguments(
             output_dir=str(run / "checkpoints"),
