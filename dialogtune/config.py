@@ -161,14 +161,20 @@ class DistributedConfig(Strict):
 
     @model_validator(mode="after")
     def _keys_of_the_strategy(self) -> DistributedConfig:
-        # A key another engine reads would be ignored without a word: refuse it instead.
+        # A key another engine reads would be ignored without a word: refuse it instead. (Keys
+        # at their defaults pass, so a resolved config from run.json validates again.)
         readers = {"zero_stage": ("deepspeed",), "activation_checkpointing": ("fsdp",),
                    "cpu_offload": ("fsdp", "deepspeed")}
-        for key in sorted(self.model_fields_set & set(readers)):
+        for key in sorted(self.changed_keys()):
             if self.strategy not in readers[key]:
                 hint = "; for ddp and deepspeed set train.gradient_checkpointing" if key == "activation_checkpointing" else ""
                 raise ValueError(f"{key} applies to strategy {' or '.join(readers[key])}, not {self.strategy}{hint}")
         return self
+
+    def changed_keys(self) -> set[str]:
+        """The engine keys set to something other than their defaults."""
+        return {key for key in ("zero_stage", "activation_checkpointing", "cpu_offload")
+                if getattr(self, key) != type(self).model_fields[key].default}
 
 
 class StreamConfig(Strict):

@@ -45,9 +45,13 @@ def unwrapped(model):
 def synchronised_in_forward(model) -> bool:
     """Whether an engine does its work in the model's forward: DDP and DeepSpeed wrap the model;
     FSDP2 makes its modules FSDPModules (gathering the shards before they run)."""
+    if unwrapped(model) is not model:
+        return True
+    if not torch.distributed.is_available():  # a torch built without it has no FSDP either
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    return unwrapped(model) is not model or isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule)
 
 
 def transforms_logits(config) -> bool:

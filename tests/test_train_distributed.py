@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import datasets
 import pytest
@@ -127,6 +131,37 @@ def test_lora_with_validation_resumes_across_processes_as_an_unbroken_run(tmp_pa
     assert saved == ["checkpoint-2", "checkpoint-4"]  # one checkpoint per save, written by all, published once
 
 
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir):
+    import psutil
+
+    config_path = write_job(tmp_path, tiny_model_dir, "run", batch=2)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["train"].update(max_steps=100_000, save_strategy="steps", save_steps=100_000)
+    config_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "dialogtune", "train", str(config_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert time.monotonic() < deadline and launcher.poll() is None, "training did not start"
+            time.sleep(0.2)
+        ranks = {int(child.environ().get("RANK", -1)): child
+                 for child in psutil.Process(launcher.pid).children(recursive=True)}
+        ranks[1].send_signal(signal.SIGTERM)  # the main process (rank 0) is not told
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    # Both processes stopped for it (each says so), at the same step, after saving that step.
+    stops = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint (\S+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    step, checkpoint = int(stops[0][0]), Path(stops[0][1])
+    assert checkpoint.name == f"checkpoint-{step}" and (checkpoint / "trainer_state.json").exists()
+
+
 def engine(monkeypatch, processes: int, **distributed_keys):
     monkeypatch.setenv("WORLD_SIZE", str(processes))
     return distributed.engine_arguments(DistributedConfig(**distributed_keys))
@@ -211,12 +246,48 @@ def test_a_key_the_strategy_would_ignore_is_refused(keys, message):
     assert message in str(err.value)
 
 
+def test_a_resolved_config_validates_again():
+    for keys in ({}, {"strategy": "fsdp", "cpu_offload": True}, {"strategy": "deepspeed", "zero_stage": 2}):
+        resolved = build_config({"data": {"path": "x"}, "distributed": keys}, schema=TrainJobConfig)
+        again = build_config(resolved.model_dump(mode="json", by_alias=True), schema=TrainJobConfig)
+        assert again.distributed == resolved.distributed
+
+
+def test_keys_the_launchers_engine_would_ignore_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="cpu_offload would be ignored: the launcher's Accelerate config sets up fsdp"):
+        engine(monkeypatch, 2, strategy="fsdp", cpu_offload=True)
+
+
+def test_zero3_that_cannot_gather_the_final_model_is_refused_before_training():
+    class Plugin:
+        zero_stage, zero3_save_16bit_model = 3, False
+
+    with pytest.raises(ConfigError, match="cannot save the final model; set zero3_save_16bit_model: true"):
+        distributed.check_final_model_gathers(Plugin())
+    Plugin.zero3_save_16bit_model = True
+    distributed.check_final_model_gathers(Plugin())
+    distributed.check_final_model_gathers(None)
+
+
 def test_engine_keys_in_train_point_to_the_distributed_section(tmp_path, tiny_model_dir):
     config_path = write_job(tmp_path, tiny_model_dir, "run", batch=2)
     raw = yaml.safe_load(config_path.read_text())
     raw["train"]["fsdp"] = "full_shard"
     with pytest.raises(ConfigError, match="set distributed instead"):
         train(build_config(raw, schema=TrainJobConfig), quiet=True)
+    del raw["train"]["fsdp"]
+    raw["train"]["use_cpu"] = True  # one process may ask for the CPU
+    assert train(build_config(raw, schema=TrainJobConfig), quiet=True)["steps"] == 3
+
+
+def test_resuming_with_the_stream_switched_is_refused(tmp_path, tiny_model_dir):
+    config_path = write_job(tmp_path, tiny_model_dir, "run", batch=2)
+    raw = yaml.safe_load(config_path.read_text())
+    train(build_config(raw, schema=TrainJobConfig), quiet=True)
+    with pytest.raises(RunError, match=r"holds a different run \(stream differ"):
+        train(build_config({**raw, "stream": True}, schema=TrainJobConfig), resume=True, quiet=True)
 
 
 def test_memory_runs_refuse_several_processes(monkeypatch):

@@ -56,6 +56,9 @@ def engine_arguments(config: DistributedConfig) -> dict[str, Any]:
         if config.strategy not in ("ddp", from_launcher):
             raise ConfigError(f"distributed.strategy: {config.strategy!r}, but the launcher's Accelerate config runs"
                               f" {from_launcher}; drop one of them")
+        if config.changed_keys():
+            raise ConfigError(f"distributed: {', '.join(sorted(config.changed_keys()))} would be ignored: the"
+                              f" launcher's Accelerate config sets up {from_launcher}; set them there")
         return arguments  # Accelerate builds the engine from the launcher's config
     if config.strategy == "fsdp":
         arguments.update(fsdp=True, fsdp_config=fsdp_config(config))
@@ -71,6 +74,15 @@ def check_engine(config: DistributedConfig, running: str) -> None:
     asked = {"ddp": "ddp", "fsdp": "fsdp", "deepspeed": f"deepspeed-zero{config.zero_stage}"}[config.strategy]
     if running != asked:
         raise ConfigError(f"distributed.strategy: {config.strategy} was asked for, but Accelerate set up {running}")
+
+
+def check_final_model_gathers(deepspeed_plugin) -> None:
+    """ZeRO-3 holds no process's copy of the whole weights: the final model can be saved only if
+    the config gathers them (a launcher's config may not), which is better known before training."""
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3 and not deepspeed_plugin.zero3_save_16bit_model:
+        raise ConfigError("DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save cannot save the final"
+                          " model; set zero3_save_16bit_model: true in the Accelerate config (or use"
+                          " distributed.strategy: deepspeed, which sets it)")
 
 
 def fsdp_config(config: DistributedConfig) -> dict[str, Any]:

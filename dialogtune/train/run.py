@@ -34,11 +34,17 @@ from dialogtune.models import load_tokenizer
 from dialogtune.prepare import prepare, tokenizer_hash
 from dialogtune.records import PreparedInfo
 from dialogtune.train.attention import restore_attention, use_segment_attention
-from dialogtune.train.distributed import check_engine, engine_arguments, launched_processes, processes_on_cpu
+from dialogtune.train.distributed import (
+    check_engine,
+    check_final_model_gathers,
+    engine_arguments,
+    launched_processes,
+    processes_on_cpu,
+)
 from dialogtune.train.malloc import keep_freed_memory
 from dialogtune.train.model import load_model, pick_precision
 from dialogtune.train.report import MetricsWriter, read_metrics
-from dialogtune.train.trainer import STAGING, DialogTrainer, newest_checkpoint
+from dialogtune.train.trainer import STAGING, DialogTrainer, EvaluateAtStart, newest_checkpoint
 
 # Keys of `train:` that dialogtune sets itself (each has its own config key or is derived).
 PROTECTED = {
@@ -50,7 +56,8 @@ PROTECTED = {
     "fsdp_config": "; set distributed instead", "deepspeed": "; set distributed instead",
     "use_cpu": "; several processes without a GPU use the CPU by themselves",
 }
-RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack")
+# What a resumed run must share with the run it continues (`stream` too: it sets the data order).
+RUN_IDENTITY = ("model", "method", "lora", "quantization_bits", "task", "template", "max_length", "pack", "stream")
 
 
 def run_identity(config: TrainJobConfig) -> dict[str, Any]:
@@ -81,7 +88,9 @@ def check_run_dir(run: Path, config: TrainJobConfig, overwrite: bool, resume: bo
 def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_validation: bool):
     from transformers import TrainingArguments
 
-    check_passed_through(config.train, TrainingArguments, PROTECTED, "dialogtune")
+    protected = PROTECTED if launched_processes() > 1 else {k: v for k, v in PROTECTED.items() if k != "use_cpu"}
+    check_passed_through(config.train, TrainingArguments, protected, "dialogtune")
+    train_keys = dict(config.train)
     every = config.eval.every
     defaults: dict[str, Any] = {
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 2e-4,
@@ -97,12 +106,12 @@ def training_arguments(config: TrainJobConfig, run: Path, precision: str, has_va
         # Each process reads the stream and keeps its share of every step's rows. Accelerate's
         # default for streams (the main process reads and sends the batches) needs batches of one
         # shape, which padding-free batches are not.
-        defaults["accelerator_config"] = {"dispatch_batches": False}
+        train_keys["accelerator_config"] = {"dispatch_batches": False, **train_keys.get("accelerator_config", {})}
     try:
         return TrainingArguments(
             output_dir=str(run / "checkpoints"),
             remove_unused_columns=False, save_total_limit=None, bf16=precision == "bf16", fp16=precision == "fp16",
-            **engine_arguments(config.distributed), **{**defaults, **config.train})
+            **engine_arguments(config.distributed), **{**defaults, **train_keys})
     except (ValueError, TypeError) as err:
         raise ConfigError(f"train: {err}") from err
 
@@ -173,20 +182,23 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
                             best_metric=config.eval.metric, greater_is_better=config.eval.greater_is_better,
                             max_bad_steps=config.max_bad_steps, callbacks=[MetricsWriter(run)])
     check_engine(config.distributed, engine_name(trainer))
+    check_final_model_gathers(getattr(trainer.accelerator.state, "deepspeed_plugin", None))
     checkpoint = newest_checkpoint(run / "checkpoints") if resume else None
-    before = None
-    if eval_set is not None and checkpoint is None:
-        before = trainer.evaluate()["eval_loss"]
-    elif checkpoint is not None:
-        before = next((r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r), None)
+    at_start = EvaluateAtStart(trainer) if eval_set is not None and checkpoint is None else None
+    if at_start:
+        trainer.add_callback(at_start)
     with trainer.stopping_on_signals():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if at_start:
+        before = at_start.metrics["eval_loss"]
+    else:  # resumed: the first run's, from its log
+        before = next((r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r), None)
     if trainer.stopped_for_bad_steps:
         raise RunError(f"stopped at step {trainer.state.global_step}: {trainer.max_bad_steps} optimizer steps in a row"
                        " had a non-finite loss or gradient (skipped, not applied); lower train.learning_rate, check"
                        f" the data, or raise max_bad_steps. Checkpoints so far are in {run / 'checkpoints'}")
-    if trainer.stop_requested:
-        return {"interrupted": trainer.stop_requested, "step": trainer.state.global_step,
+    if trainer.stopped_by:  # a signal after the last step's end changes nothing: the run is complete
+        return {"interrupted": trainer.stopped_by, "step": trainer.state.global_step,
                 "checkpoint": str(newest_checkpoint(run / "checkpoints"))}
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     restore_attention(core_model(trainer.model))  # the saved model is loaded for generation: standard attention

@@ -49,7 +49,8 @@ class DialogTrainer(Trainer):
         self.bad_steps = 0
         self.bad_in_a_row = 0
         self.stopped_for_bad_steps = False
-        self.stop_requested: str | None = None
+        self.stop_requested: str | None = None  # a signal this process received
+        self.stopped_by: str | None = None  # the signal all processes stopped for, at a step's end
         self.tokens_seen = 0
         self.trained_tokens_seen = 0
         self._last_log = (time.perf_counter(), 0, 0)
@@ -239,6 +240,25 @@ class _GuardCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.stop_requested:
+        # A signal may reach some processes only, or reach them at different steps: they all stop
+        # at the first step end where any has it, or the others would wait in the next step's
+        # gradient exchange while it waits in the checkpoint's.
+        asked = signal.Signals[self.trainer.stop_requested].value if self.trainer.stop_requested else 0
+        number = int(self.trainer.accelerator.gather(torch.tensor([asked], device=args.device)).max())
+        if number:
+            self.trainer.stopped_by = signal.Signals(number).name
             control.should_save = True
             control.should_training_stop = True
+
+
+class EvaluateAtStart(TrainerCallback):
+    """The validation metrics before the first step, taken when training begins: by then the
+    engine has placed the model (and, under FSDP or DeepSpeed, sharded it); before `train` it is
+    still whole, on the CPU."""
+
+    def __init__(self, trainer: DialogTrainer):
+        self.trainer = trainer
+        self.metrics: dict[str, float] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.metrics = self.trainer.evaluate()
