@@ -3,10 +3,11 @@
     dialogtune prepare CONFIG.yaml|DATA [--set key=value ...] [quick flags]
     dialogtune inspect PREPARED_DIR [--index N] [--split validation]
     dialogtune train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
+    dialogtune estimate CONFIG.yaml [--set key=value ...] [--processes N] [--device gpu|cpu] [--json]
     dialogtune export RUN_DIR --merge [-o DIR]
     dialogtune chat RUN_DIR|MODEL [--as NAME] [--user NAME] [sampling flags] [--play N] [--memory FILE [--summary-model MODEL]]
     dialogtune generate RUN_DIR|MODEL --input FILE|PREPARED_DIR --output FILE [sampling flags]
-    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY] [--index DIR] [--memory-dir DIR]
+    dialogtune serve RUN_DIR|MODEL [--host 127.0.0.1 --port 8000 --api-key KEY] [--index DIR] [--memory-dir DIR] [--max-batch N]
     dialogtune eval RUN_DIR|MODEL --data CONFIG_OR_FILE [--task respond|summarize] [--limit N] [-o DIR]
     dialogtune eval --compare MODEL_A MODEL_B ... --data CONFIG_OR_FILE
     dialogtune schema SGD_DIR|SCHEMA_JSON|TOOLS_JSON [...] -o tools.json
@@ -113,6 +114,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from dialogtune.estimate import estimate, format_table
+
+    raw = merge(load_yaml(Path(args.config)), parse_overrides(args.overrides))
+    config = build_config(raw, args.config, schema=TrainJobConfig)
+    result = estimate(config, processes=args.processes, device=args.device, source=args.config)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_table(result))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dialogtune.train.export import export_merged
 
@@ -163,7 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dialogtune.serve import run_serve
 
     return run_serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_id=args.model_id,
-                     queue_size=args.queue, timeout=args.timeout, index=args.index, memory_dir=args.memory_dir)
+                     queue_size=args.queue, timeout=args.timeout, index=args.index, memory_dir=args.memory_dir,
+                     max_batch=args.max_batch)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -327,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
+    p = sub.add_parser("estimate", help="memory per device for a training job, before renting GPUs")
+    p.add_argument("config", help="the job's YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.per_device_train_batch_size=8 (repeatable)")
+    p.add_argument("--processes", type=int, default=1, metavar="N", help="training processes, one per GPU (default 1)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="where training runs (default gpu)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p = sub.add_parser("export", help="write a merged full model from a LoRA run")
     p.add_argument("run", help="a run directory")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base model")
@@ -363,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on API requests")
     p.add_argument("--model-id", help="the model name clients use (default: the run directory's name)")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait; more get a 503 (default 8)")
+    p.add_argument("--max-batch", type=int, default=16, help="chat replies generated together (continuous"
+                   " batching); 1: one at a time (default 16)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one reply may take (default 120)")
     p.add_argument("--index", help="an understand run's retrieval index (default: the one it was trained with)")
     p.add_argument("--memory-dir", help="memory runs: where each user's memory is kept (default RUN/memories);"
@@ -426,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help='a JSONL of {"messages": [{"role", "content"}]}: a call per user turn')
     p.add_argument("-o", "--output", help="with --input: the JSONL of calls to write (default: stdout)")
     args = parser.parse_args(argv)
-    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "export": cmd_export,
+    handlers = {"prepare": cmd_prepare, "inspect": cmd_inspect, "train": cmd_train, "estimate": cmd_estimate,
+                "export": cmd_export,
                 "chat": cmd_chat, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval,
                 "schema": cmd_schema, "index": cmd_index, "retrieve": cmd_retrieve, "train-embedder": cmd_train_embedder,
                 "findk": cmd_findk, "understand": cmd_understand}

@@ -325,6 +325,37 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class ReplyText:
+    """A reply's text as its tokens come: streamed to `on_text` without stop strings, and the
+    `Reply` once generation ends. One place for what `Conversation.respond` and the batching
+    engine (dialogtune.batching) show, so both write the same reply from the same tokens."""
+
+    def __init__(self, chat: ChatModel, stops: list[str], on_text: Callable[[str], None] | None = None):
+        self.chat = chat
+        self.filter = StopFilter(stops)
+        self.shown: list[str] = []
+        self.on_text = on_text
+        self.streamer = ReplyStreamer(chat.tokenizer, self.show)
+
+    def show(self, piece: str) -> None:
+        visible = self.filter.feed(piece)
+        if visible:
+            self.shown.append(visible)
+            if self.on_text:
+                self.on_text(visible)
+
+    def reply(self, new: list[int], prompt_tokens: int, reused_tokens: int) -> Reply:
+        """Called after the streamer has ended: `new` are the tokens generated."""
+        self.show(self.filter.flush())
+        # Ended by itself: a stop string or an end token; not max_new_tokens, max_time or cancel.
+        stopped = self.filter.stopped or (bool(new) and new[-1] in self.chat.end_token_ids())
+        raw = "".join(self.shown)
+        if self.chat.tokenizer.eos_token:
+            raw = raw.split(self.chat.tokenizer.eos_token)[0]
+        return Reply(raw.strip(), raw, stopped, len(new), prompt_tokens, reused_tokens,
+                     self.streamer.first_token_seconds)
+
+
 @dataclass
 class Reply:
     text: str  # as shown (trimmed)
@@ -420,37 +451,22 @@ class Conversation:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         stops = self.chat.stops_for(self.user_name)
-        filter_ = StopFilter(stops)
-        shown: list[str] = []
-
-        def show(piece: str) -> None:
-            visible = filter_.feed(piece)
-            if visible:
-                shown.append(visible)
-                if on_text:
-                    on_text(visible)
-
-        streamer = ReplyStreamer(self.chat.tokenizer, show)
+        text_of = ReplyText(self.chat, stops, on_text)
         criteria = self.chat.stopping_criteria(stops)
         if cancel is not None:
             criteria = StoppingCriteriaList([*criteria, StopWhenSet(cancel)])
         input_ids = torch.tensor([ids], device=self.chat.model.device)
         with torch.no_grad():
             output = self.chat.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=text_of.streamer,
                 stopping_criteria=criteria, max_time=max_time,
                 pad_token_id=self.chat.tokenizer.pad_token_id or self.chat.tokenizer.eos_token_id,
                 **cache, **sampling.generate_kwargs())
-        show(filter_.flush())
         new = self.chat.reply_tokens(output, len(ids))[0].tolist()
-        # Ended by itself: a stop string or an end token; not max_new_tokens, max_time or cancel.
-        stopped = filter_.stopped or (bool(new) and new[-1] in self.chat.end_token_ids())
-        raw = "".join(shown)
-        if self.chat.tokenizer.eos_token:
-            raw = raw.split(self.chat.tokenizer.eos_token)[0]
+        reply = text_of.reply(new, len(ids), reused)
         if self.keeps_cache:
-            self._remember(text, ids, new, raw)
-        return Reply(raw.strip(), raw, stopped, len(new), len(ids), reused, streamer.first_token_seconds)
+            self._remember(text, ids, new, reply.raw)
+        return reply
 
     def _remember(self, text: str, ids: list[int], new: list[int], raw: str) -> None:
         """What the cache holds, and the longest run of generated tokens whose text the history keeps

@@ -10,13 +10,17 @@
 Endpoints: POST /v1/chat/completions (with `stream: true` as server-sent events, kept alive by
 pings; a client that disconnects stops its generation), GET /v1/models, GET /health, GET / (the
 chat page). A message's `content` is a string or a list of text parts. Prompts are rendered
-with the run's training template. One reply is generated at a time; up to `--queue` requests
-wait, more get a 503. Binds to 127.0.0.1 unless told otherwise. A run trained on the understand
-task is served as a function-calling model: requests carry OpenAI `tools` and `tool_choice` and
-are answered with `tool_calls` (dialogtune.serve_tools). A memory run (`task: memory`) keeps one
-memory per request `user`, on disk under `--memory-dir` (dialogtune.serve_memory: which of a
-request's messages are read, and when a new session starts). A plain chat model served with
-`--memory-dir` keeps one summary memory per request `user` there (dialogtune.serve_summary).
+with the run's training template. Chat replies from a causal LM are generated together, up to
+`--max-batch` at a time (dialogtune.batching: requests join and leave the batch between decoding
+steps); up to `--queue` more wait, beyond that a request gets a 503. `--max-batch 1` generates one
+reply at a time, as encoder-decoders always do. Binds to 127.0.0.1 unless told otherwise. A run
+trained on the understand task is served as a function-calling model: requests carry OpenAI
+`tools` and `tool_choice` and are answered with `tool_calls` (dialogtune.serve_tools). A memory
+run (`task: memory`) keeps one memory per request `user`, on disk under `--memory-dir`
+(dialogtune.serve_memory: which of a request's messages are read, and when a new session
+starts). A plain chat model served with `--memory-dir` keeps one summary memory per request
+`user` there (dialogtune.serve_summary). Function calling, memory runs and summary memories
+answer one request at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 
+from dialogtune.batching import BatchEngine, batchable
 from dialogtune.errors import ConfigError, DialogtuneError
 from dialogtune.infer import ChatModel, Conversation, Sampling
 from dialogtune.memory.conversation import MemoryRun
@@ -69,6 +74,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk carries the token counts
     user: str | None = None  # a memory run (or a plain model served with --memory-dir) keeps one memory per user
 
 
@@ -82,19 +88,23 @@ class ApiError(Exception):
 
 
 class Generator:
-    """Runs one generation at a time on a worker thread; counts what waits."""
+    """Generates chat replies in a continuous batch of up to `max_batch` (dialogtune.batching), or
+    one at a time on a worker thread when `max_batch` is 1 or the model cannot be batched; the
+    worker thread also runs what is never batched (tool calls, memories). Counts what waits."""
 
-    def __init__(self, chat: ChatModel, queue_size: int, timeout: float):
+    def __init__(self, chat: ChatModel | None, queue_size: int, timeout: float, max_batch: int = 1):
         self.chat = chat
         self.queue_size = queue_size
         self.timeout = timeout
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.engine = BatchEngine(chat, max_batch) if chat is not None and max_batch > 1 and batchable(chat) else None
+        self.slots = max_batch if self.engine else 1  # generated at once; `queue_size` more may wait
         self.waiting = 0
         self.lock = threading.Lock()
 
     def admit(self) -> None:
         with self.lock:
-            if self.waiting >= self.queue_size + 1:  # one running plus `queue_size` waiting
+            if self.waiting >= self.queue_size + self.slots:
                 raise ApiError(503, f"server busy: {self.waiting} requests ahead; retry later", "server_busy")
             self.waiting += 1
 
@@ -105,9 +115,35 @@ class Generator:
     def run(self, request: CompletionRequest, max_tokens: int, on_text=None,
             cancel: threading.Event | None = None) -> Any:
         conversation = conversation_of(self.chat, request)
-        sampling = Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p,
-                            max_new_tokens=max_tokens, seed=request.seed)
-        return conversation.respond(sampling, on_text, max_time=self.timeout, cancel=cancel)
+        return conversation.respond(sampling_of(request, max_tokens), on_text, max_time=self.timeout, cancel=cancel)
+
+    def start(self, request: CompletionRequest, max_tokens: int, on_text=None,
+              cancel: threading.Event | None = None) -> Future:
+        """Begin an admitted chat reply; the future holds its `Reply`, and its place is released
+        when it ends (or is cancelled before it starts)."""
+        try:
+            if self.engine is None:
+                future = self.executor.submit(self.run, request, max_tokens, on_text, cancel)
+            else:  # the prompt as `respond` builds it, the oldest turns dropped until the reply fits
+                conversation = conversation_of(self.chat, request)
+                _, ids = conversation.prompt_ids(max_tokens)
+                future = self.engine.submit(ids, sampling_of(request, max_tokens),
+                                            self.chat.stops_for(conversation.user_name), on_text, cancel, self.timeout)
+        except BaseException:
+            self.release()
+            raise
+        future.add_done_callback(lambda _: self.release())
+        return future
+
+
+def usage_of(reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.new_tokens,
+            "total_tokens": reply.prompt_tokens + reply.new_tokens}
+
+
+def sampling_of(request: CompletionRequest, max_tokens: int) -> Sampling:
+    return Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p, max_new_tokens=max_tokens,
+                    seed=request.seed)
 
 
 def conversation_of(chat: ChatModel, request: CompletionRequest) -> Conversation:
@@ -202,15 +238,16 @@ def validated(kind: type[BaseModel], data: Any) -> Any:
 
 
 def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_key: str | None = None,
-               queue_size: int = 8, timeout: float = 120.0, memory_dir: Path | None = None):
+               queue_size: int = 8, timeout: float = 120.0, memory_dir: Path | None = None, max_batch: int = 16):
     """`model`: a chat model, an understand run answering with tool calls, or a memory run
     keeping each user's memory in `memory_dir` (default RUN/memories). A chat model given a
-    `memory_dir` keeps each user's summary memory there (dialogtune.serve_summary)."""
+    `memory_dir` keeps each user's summary memory there (dialogtune.serve_summary). A chat
+    model's replies are batched, up to `max_batch` at a time (1: one at a time)."""
     app = FastAPI(title="dialogtune", docs_url=None, redoc_url=None)
     caller = ToolCaller(model) if isinstance(model, Understander) else None
     memory = MemoryReplier(model, memory_dir or default_memory_dir(model)) if isinstance(model, MemoryRun) else None
     chat = model.chat if isinstance(model, Understander) else None if memory else model
-    generator = Generator(chat, queue_size, timeout)
+    generator = Generator(chat, queue_size, timeout, max_batch if caller is None and memory is None else 1)
     summaries = SummaryReplier(chat, memory_dir) if memory_dir is not None and caller is None and memory is None else None
     page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
 
@@ -263,35 +300,28 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         loop = asyncio.get_running_loop()
+        client_gone = threading.Event()
         if not body.stream:
-            try:
-                reply = await loop.run_in_executor(generator.executor, generator.run, body, max_tokens)
+            try:  # cancelled (the server shutting down): a waiting reply is dropped, a running one stops
+                reply = await asyncio.wrap_future(generator.start(body, max_tokens, cancel=client_gone))
             finally:
-                generator.release()
+                client_gone.set()
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": "stop" if reply.stopped else "length"}],
-                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.new_tokens,
-                              "total_tokens": reply.prompt_tokens + reply.new_tokens}}
+                    "usage": usage_of(reply)}
 
         pieces: asyncio.Queue = asyncio.Queue()
-        client_gone = threading.Event()
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             return json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
-        def work():
-            try:
-                reply = generator.run(body, max_tokens, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
-                                      cancel=client_gone)
-                loop.call_soon_threadsafe(pieces.put_nowait, reply)
-            except Exception as err:  # noqa: BLE001  reported in the stream, never raised into the server
-                loop.call_soon_threadsafe(pieces.put_nowait, err)
-            finally:
-                generator.release()
+        def ended(future: Future) -> None:  # the reply, or its error: reported in the stream, never raised
+            loop.call_soon_threadsafe(pieces.put_nowait, future.exception() or future.result())
 
-        loop.run_in_executor(generator.executor, work)
+        generator.start(body, max_tokens, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
+                        cancel=client_gone).add_done_callback(ended)
 
         async def events():
             try:
@@ -309,6 +339,10 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
                         break
                     else:
                         yield chunk({}, "stop" if item.stopped else "length")
+                        if (body.stream_options or {}).get("include_usage"):  # as OpenAI: no choices, the usage
+                            yield json.dumps({"id": completion_id, "object": "chat.completion.chunk",
+                                              "created": created, "model": model_id, "choices": [],
+                                              "usage": usage_of(item)})
                         break
                 yield "[DONE]"
             finally:  # also when sse-starlette cancels this on a disconnect: the reply is no longer wanted
@@ -429,7 +463,7 @@ def is_understand_run(model: str) -> bool:
 
 def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               model_id: str | None = None, queue_size: int = 8, timeout: float = 120.0, index: str | None = None,
-              memory_dir: str | None = None) -> int:
+              memory_dir: str | None = None, max_batch: int = 16) -> int:
     """`index`: an understand run's retrieval index (default: the one it was trained with);
     `memory_dir`: where a memory run keeps its users' memories (default RUN/memories), or a plain
     chat model its users' summary memories (only when given)."""
@@ -439,6 +473,8 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     from dialogtune.memory.conversation import is_memory_run, load_memory_run
     from dialogtune.understand import load_understander
 
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1 (1: one reply at a time), got {max_batch}")
     understands, remembers = is_understand_run(model), is_memory_run(model)
     if index is not None and not understands:
         raise ConfigError(f"--index is for understand runs; {model} is not one")
@@ -451,7 +487,8 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
         loaded = load_memory_run(model) if remembers else load_chat_model(model)
     model_id = model_id or Path(model.rstrip("/")).name
     directory = Path(memory_dir) if memory_dir else default_memory_dir(loaded) if remembers else None
-    app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout, memory_dir=directory)
+    app = create_app(loaded, model_id, api_key=api_key, queue_size=queue_size, timeout=timeout, memory_dir=directory,
+                     max_batch=max_batch)
     what = "function calling: tools in, tool_calls out" if understands else "chat page at /"
     if remembers:
         what = f"one memory per request `user`, kept in {directory}; chat page at /"

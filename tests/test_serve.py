@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from dialogtune.infer import Conversation, load_chat_model
+from dialogtune.infer import Conversation, Sampling, load_chat_model
 from dialogtune.serve import create_app
 
 
@@ -53,6 +53,16 @@ def server(tiny_run):
 
 
 @pytest.fixture(scope="module")
+def one_at_a_time_server(tiny_run):
+    """As `server`, with --max-batch 1: today's one-reply-at-a-time path."""
+    chat = load_chat_model(str(tiny_run))
+    url, handle, thread = start_server(create_app(chat, "tiny", queue_size=2, timeout=30, max_batch=1))
+    yield url
+    handle.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
 def keyed_server(tiny_run):
     url, handle, thread = start_server(create_app(load_chat_model(str(tiny_run)), "tiny", api_key="s3cret"))
     yield url
@@ -80,6 +90,9 @@ def test_openai_client_plain_and_streaming_agree(server):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed.strip() == choice.message.content
     assert "<|im_end|>" not in streamed
+    counted = list(client(server).chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=8,
+                                                          stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage == plain.usage  # the last chunk counts the tokens
 
 
 def test_a_developer_message_is_the_system_prompt(server):
@@ -128,7 +141,9 @@ def test_api_key_is_required_when_set(keyed_server):
     assert reply.choices[0].message.role == "assistant"
 
 
-def test_twenty_concurrent_clients_are_answered_or_cleanly_refused(server):
+def test_one_at_a_time_twenty_concurrent_clients_are_answered_or_cleanly_refused(one_at_a_time_server):
+    server = one_at_a_time_server
+
     def ask(i: int) -> int:
         response = httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
             "model": "tiny", "messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 6,
@@ -147,23 +162,142 @@ def test_twenty_concurrent_clients_are_answered_or_cleanly_refused(server):
     assert after.choices[0].message.role == "assistant"
 
 
-def test_a_client_that_disconnects_stops_its_generation(server, monkeypatch):
-    replies = []
-    respond = Conversation.respond
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(server, one_at_a_time_server, monkeypatch, batched):
+    from dialogtune.batching import Row
+
+    written = []
+    respond, finish = Conversation.respond, Row.finish
 
     def recorded(*args, **kwargs):
-        replies.append(respond(*args, **kwargs))
-        return replies[-1]
+        written.append(respond(*args, **kwargs).new_tokens)
+        return written[-1]
+
+    def recorded_row(row):
+        written.append(len(row.new))
+        finish(row)
 
     monkeypatch.setattr(Conversation, "respond", recorded)
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=30) as response:
+    monkeypatch.setattr(Row, "finish", recorded_row)
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 1.5, "seed": 3, "stream": True}
+    url = server if batched else one_at_a_time_server
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
         next(line for line in response.iter_lines() if '"content"' in line and '"content": ""' not in line)
     deadline = time.monotonic() + 30
-    while not replies:
+    while not written:
         assert time.monotonic() < deadline, "the generation did not end"
         time.sleep(0.02)
-    assert replies[0].new_tokens < 20  # not the 200 asked for
+    assert written[0] < 20  # not the 200 asked for
+
+
+# --- continuous batching: concurrent chat requests generated together ---------------------------
+
+@contextlib.contextmanager
+def slow_server(tiny_model_dir, max_batch: int, queue_size: int, seconds_per_step: float = 0.02):
+    """A server for the untrained tiny model (its greedy replies run to max_tokens), each forward
+    pass made `seconds_per_step` slower, so replies are still running when the next request comes."""
+    chat = load_chat_model(str(tiny_model_dir))
+    forward = chat.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds_per_step)
+        return forward(*args, **kwargs)
+
+    chat.model.forward = slow  # `generate` and the batching engine both call the model through it
+    url, handle, thread = start_server(create_app(chat, "slow", queue_size=queue_size, timeout=60,
+                                                  max_batch=max_batch))
+    try:
+        yield url
+    finally:
+        handle.should_exit = True
+        thread.join(timeout=10)
+
+
+def streamed_text(response) -> str:
+    text = ""
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_concurrent_requests_are_all_answered_each_as_if_alone(server, tiny_run):
+    """Eight requests at once (the limit: 16 generated together, 2 waiting), streamed and not,
+    sampled with seeds and greedy: each reply is the one the request gets by itself."""
+    questions = [f"Question number {i}: where is the {'big ' * i}station?" for i in range(8)]
+    options = [{"temperature": 1.0, "seed": i, "max_tokens": 4 + 2 * i} if i % 3 else
+               {"temperature": 0, "max_tokens": 6} for i in range(8)]
+
+    def ask(i: int, stream: bool) -> tuple[int, str]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": questions[i]}], **options[i],
+                "stream": stream}
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120) as response:
+            if stream:
+                return response.status_code, streamed_text(response).strip()
+            response.read()
+            return response.status_code, response.json()["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(ask, [*range(8), *range(8)], [False] * 8 + [True] * 8))
+    chat = load_chat_model(str(tiny_run))
+    alone = []
+    for question, option in zip(questions, options, strict=True):
+        talk = Conversation(chat, reuse_cache=False, messages=[{"role": "user", "content": question}])
+        sampling = Sampling(temperature=option["temperature"], top_k=0, top_p=1.0,
+                            max_new_tokens=option["max_tokens"], seed=option.get("seed"))
+        alone.append(talk.respond(sampling).text)
+    assert [code for code, _ in answers] == [200] * 16
+    assert [text for _, text in answers] == alone * 2  # streamed deltas join to the plain reply, too
+    assert any(alone) and httpx.get(f"{server}/health").json()["waiting"] == 0
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_no_503_up_to_the_limit_and_a_503_beyond_it(tiny_model_dir, max_batch):
+    """The limit is the batch plus the queue (`--max-batch 1`: one running, as before batching)."""
+    limit = max_batch + 2
+    body = {"model": "slow", "messages": HELLO, "temperature": 0, "max_tokens": 150, "stream": True}
+    with slow_server(tiny_model_dir, max_batch=max_batch, queue_size=2) as url, contextlib.ExitStack() as held:
+        for _ in range(limit):  # each admitted once its response starts; all still generating
+            response = held.enter_context(httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60))
+            assert response.status_code == 200
+        refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["message"] == f"server busy: {limit} requests ahead; retry later"
+        assert httpx.get(f"{url}/health").json()["waiting"] == limit
+        held.close()  # the clients leave: their generations stop, their places free
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["waiting"]:
+            assert time.monotonic() < deadline, "the places were not freed"
+            time.sleep(0.05)
+        answer = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_cancelled_stream_frees_its_slot_for_the_next_request(tiny_model_dir):
+    body = {"model": "slow", "messages": HELLO, "temperature": 0, "max_tokens": 400, "stream": True}
+    with slow_server(tiny_model_dir, max_batch=2, queue_size=0) as url, \
+            httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as kept, \
+            httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as left:
+        assert (kept.status_code, left.status_code) == (200, 200)
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 503
+        next(line for line in left.iter_lines() if '"content"' in line and '"content": ""' not in line)
+        left.close()  # 400 tokens at 20 ms a step would hold the place for 8 s
+        started = time.monotonic()
+        while httpx.get(f"{url}/health").json()["waiting"] > 1:
+            assert time.monotonic() - started < 3, "the cancelled stream kept its place"
+            time.sleep(0.02)
+        short = {**body, "stream": False, "max_tokens": 5}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=short, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
+        assert not kept.is_stream_consumed  # the other stream is still being written
+
+
+def test_the_max_batch_option_reaches_the_server(tiny_run):
+    from dialogtune.errors import ConfigError
+    from dialogtune.serve import run_serve
+
+    with pytest.raises(ConfigError, match=r"--max-batch must be at least 1 \(1: one reply at a time\), got 0"):
+        run_serve(str(tiny_run), max_batch=0)
 
 
 def test_chat_page_in_headless_chromium(server, tmp_path):

@@ -1,0 +1,277 @@
+"""Continuous batching: concurrent chat replies from one causal LM, decoded together.
+
+    engine = BatchEngine(chat, max_batch=16)
+    future = engine.submit(prompt_ids, Sampling(temperature=0, max_new_tokens=64), chat.stops_for(None), on_text=print)
+    reply = future.result()  # a dialogtune.infer.Reply, as Conversation.respond returns it
+
+One worker thread runs a decoding loop over a batch that shares one key/value cache. Between two
+decoding steps, waiting requests join (each prompt is read alone, then its cache is merged into the
+batch's, left-padded to a common width) and finished rows leave (by an end token, a stop string,
+their max_new_tokens, their time limit, or their cancel event). Each row keeps its own sampling
+settings and its own random generator, and its text goes through the same `ReplyText` as the
+one-at-a-time path (dialogtune.infer), so a reply is written and cut exactly as it would be there.
+
+What is guaranteed: a greedy reply is the one `Conversation.respond` gives the same prompt alone,
+token for token, up to floating-point rounding (a batched matrix product may round differently
+from a single row's; exact on tiny models in tests/test_batching.py, and for SmolLM2-135M in all
+62 greedy replies benchmarks/serve_load.py compared with the one-at-a-time server); a sampled reply
+with a seed draws from its own generator, seeded as `respond` seeds torch, so it is the same reply
+whatever else is in the batch (and the one-at-a-time path's reply, up to the same rounding).
+
+Why not transformers' own continuous batching (`generate_batch`, `init_continuous_batching`,
+5.x)? Its manager decides greedy or sampling once for every request, draws all requests'
+tokens from one global generator (no per-request seed), and ends a request only at EOS, not at
+the run's stop strings; the server needs all three per request.
+
+Models whose cache is not one plain key/value tensor per layer (sliding-window or hybrid caches,
+encoder-decoders) are not batched: `batchable` says which can be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from dialogtune.infer import ChatModel, ReplyText, Sampling
+
+
+def batchable(chat: ChatModel) -> bool:
+    """Whether the engine can batch this model: a decoder-only model whose cache holds one plain
+    (full-attention) key/value tensor per layer, so rows can be padded, merged and dropped."""
+    if chat.is_encoder_decoder:
+        return False
+    cache = DynamicCache(config=chat.model.config)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def warpers_for(sampling: Sampling) -> LogitsProcessorList:
+    """The logits warpers `generate` applies for these settings, in its order (greedy: none)."""
+    if sampling.repetition_penalty != 1.0 or sampling.no_repeat_ngram_size:
+        raise ValueError("the batching engine supports temperature, top_k, top_p, max_new_tokens and seed;"
+                         f" not repetition_penalty={sampling.repetition_penalty} or"
+                         f" no_repeat_ngram_size={sampling.no_repeat_ngram_size}")
+    warpers = LogitsProcessorList()
+    if sampling.temperature <= 0:
+        return warpers
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return warpers
+
+
+@dataclass
+class Row:
+    """One request: its prompt, how it is decoded and stopped, and what it has written so far."""
+
+    prompt: list[int]
+    sampling: Sampling
+    stops: list[str]
+    text: ReplyText
+    warpers: LogitsProcessorList
+    generator: torch.Generator | None  # None: greedy
+    cancel: threading.Event
+    max_time: float | None
+    future: Future
+    new: list[int] = field(default_factory=list)
+    deadline: float = float("inf")
+    stop_criteria: Callable | None = None  # set when it joins: built once per set of stops, in seconds
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's float32 logits [1, vocab], as `generate` picks it."""
+        if self.generator is None:
+            return int(torch.argmax(logits, dim=-1))
+        ids = torch.tensor([self.prompt + self.new], device=logits.device)
+        probs = torch.nn.functional.softmax(self.warpers(ids, logits), dim=-1)
+        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+
+    def accept(self, token: int, end_ids: set[int]) -> bool:
+        """Take the token; True once the row is finished (checked after each token, as `generate` does)."""
+        self.new.append(token)
+        self.text.streamer.put(torch.tensor([token]))
+        if token in end_ids or len(self.new) >= self.sampling.max_new_tokens:
+            return True
+        if self.cancel.is_set() or self.future.cancelled() or time.monotonic() > self.deadline:
+            return True
+        return bool(self.stop_criteria(torch.tensor([self.prompt + self.new]), None).any())
+
+    def finish(self) -> None:
+        """End the stream and hand the reply to whoever waits (unless they gave up on it)."""
+        self.text.streamer.end()
+        reply = self.text.reply(self.new, len(self.prompt), 0)
+        with contextlib.suppress(InvalidStateError):  # the future was cancelled: nobody waits
+            self.future.set_result(reply)
+
+    def fail(self, err: Exception) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_exception(err)
+
+
+class BatchEngine:
+    """A decoding loop on one worker thread over at most `max_batch` rows."""
+
+    def __init__(self, chat: ChatModel, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if not batchable(chat):
+            raise ValueError(f"{chat.name} cannot be batched (an encoder-decoder or a sliding-window cache)")
+        self.chat = chat
+        self.max_batch = max_batch
+        model = chat.model.get_base_model() if hasattr(chat.model, "get_base_model") else chat.model
+        eos = model.generation_config.eos_token_id  # what `generate` stops at
+        self.end_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else chat.end_token_ids()
+        # As `generate`: only the last position's logits (the rest are never read).
+        self.keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.pending: deque[Row] = deque()
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cache width]: 0 over each row's left padding
+        self.wake = threading.Condition()
+        self.closed = False
+        self.steps = 0  # batched decoding steps so far
+        self.stepped_rows = 0  # rows decoded over those steps (over steps: the mean batch size)
+        self.joined_at: list[int] = []  # the decoding step at which each prompt was read, in order
+        self.thread = threading.Thread(target=self._loop, name="batch-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], sampling: Sampling, stops: list[str],
+               on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+               max_time: float | None = None) -> Future:
+        """Queue a reply to `prompt` (token ids); the future holds its `Reply`. `on_text` is called on
+        the worker thread with each piece of shown text; setting `cancel` ends the reply at the next
+        step; `max_time` (seconds, counted from when its prompt is read) ends it as generate's does."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        warpers = warpers_for(sampling)
+        generator = None
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()))
+            generator = torch.Generator(device=self.chat.model.device).manual_seed(seed)
+        row = Row(prompt=list(prompt), sampling=sampling, stops=stops, text=ReplyText(self.chat, stops, on_text),
+                  warpers=warpers, generator=generator,
+                  cancel=cancel or threading.Event(), max_time=max_time, future=Future())
+        with self.wake:
+            if self.closed:
+                raise RuntimeError("the batching engine is closed")
+            self.pending.append(row)
+            self.wake.notify()
+        return row.future
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    # --- the worker thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.closed and not self.pending and not self.rows:
+                    self.wake.wait()
+                if self.closed:
+                    break
+                joining = [self.pending.popleft() for _ in range(min(len(self.pending), self.max_batch - len(self.rows)))]
+            try:
+                with torch.no_grad():
+                    for row in joining:
+                        self._join(row)
+                    if self.rows:
+                        self._step()
+            except Exception as err:  # noqa: BLE001  a failed step fails its rows, never the engine
+                for row in [*joining, *self.rows]:
+                    row.fail(err)
+                self.rows, self.cache, self.mask = [], None, None
+        for row in [*self.pending, *self.rows]:
+            row.fail(RuntimeError("the batching engine was closed"))
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        extra = {"logits_to_keep": 1} if self.keep_last_logits else {}
+        output = self.chat.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, use_cache=True, **extra)
+        return output.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+    def _join(self, row: Row) -> None:
+        """Read the row's prompt alone (as `generate` does), pick its first token, merge its cache."""
+        if row.cancel.is_set() or row.future.cancelled():  # its client left while it waited
+            row.finish()
+            return
+        device = self.chat.model.device
+        row.stop_criteria = self.chat.stopping_criteria(row.stops)  # on this thread: the first scans the vocabulary
+        self.joined_at.append(self.steps)
+        if row.max_time is not None:
+            row.deadline = time.monotonic() + row.max_time
+        ids = torch.tensor([row.prompt], device=device)
+        row.text.streamer.put(ids)  # the prompt: skipped, starts the first-token clock
+        cache = DynamicCache(config=self.chat.model.config)
+        positions = torch.arange(len(row.prompt), device=device)[None]
+        logits = self._forward(ids, torch.ones_like(ids), positions, cache)
+        if row.accept(row.pick(logits), self.end_ids):
+            row.finish()
+            return
+        self._merge(row, cache)
+
+    def _merge(self, row: Row, cache: DynamicCache) -> None:
+        mask = torch.ones((1, len(row.prompt)), dtype=torch.long, device=cache.layers[0].keys.device)
+        if self.cache is None:
+            self.cache, self.mask, self.rows = cache, mask, [row]
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - tensor.shape[dim]
+            if not missing:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        self.cache = DynamicCache(ddp_cache_data=[
+            (torch.cat([left_pad(k, 2), left_pad(k_new, 2)]), torch.cat([left_pad(v, 2), left_pad(v_new, 2)]))
+            for (k, v, _), (k_new, v_new, _) in zip(self.cache, cache, strict=True)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)])
+        self.rows.append(row)
+
+    def _step(self) -> None:
+        """One token for every row; finished rows leave the batch."""
+        device = self.mask.device
+        last = torch.tensor([[row.new[-1]] for row in self.rows], device=device)
+        positions = self.mask.sum(dim=1, keepdim=True)  # each row's next position: its real tokens so far
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self._forward(last, self.mask, positions, self.cache)
+        self.steps += 1
+        self.stepped_rows += len(self.rows)
+        keep = []
+        for i, row in enumerate(self.rows):
+            if row.accept(row.pick(logits[i : i + 1]), self.end_ids):
+                row.finish()
+            else:
+                keep.append(i)
+        if len(keep) < len(self.rows):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self.rows = [self.rows[i] for i in keep]
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        # Columns that are padding in every row left with the longest rows: drop them.
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
+        self.mask = self.mask[:, unused:]
+        self.cache = DynamicCache(ddp_cache_data=[(k[index, :, unused:], v[index, :, unused:]) for k, v, _ in self.cache])

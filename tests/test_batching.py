@@ -1,0 +1,185 @@
+"""The continuous-batching engine: each reply equals the one-at-a-time reply (Conversation.respond)
+to the same request, token for token, whatever else shares the batch and whenever it joined."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+
+from dialogtune.batching import BatchEngine, batchable, warpers_for
+from dialogtune.infer import Conversation, Sampling, load_chat_model
+
+QUESTIONS = ["Hi", "Where is the station?", "I would like to find a restaurant in San Jose, please.",
+             "Hello there! How are you doing today? I'm fine, thanks for asking. And you?", "Sushi Sam?",
+             "What about the weather tomorrow in San Jose and in the city?"]
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model_dir):
+    return load_chat_model(str(tiny_model_dir))
+
+
+def conversation(chat, question: str) -> Conversation:
+    talk = Conversation(chat, reuse_cache=False)
+    talk.messages.append({"role": "user", "content": question})
+    return talk
+
+
+def alone(chat, question: str, sampling: Sampling):
+    return conversation(chat, question).respond(sampling)
+
+
+def submit(engine: BatchEngine, question: str, sampling: Sampling, **options):
+    talk = conversation(engine.chat, question)
+    _, ids = talk.prompt_ids(sampling.max_new_tokens)
+    return engine.submit(ids, sampling, engine.chat.stops_for(talk.user_name), **options)
+
+
+def greedy(tokens: int) -> Sampling:
+    return Sampling(temperature=0, max_new_tokens=tokens)
+
+
+def fields(reply) -> tuple:
+    """All of a reply but its first-token time."""
+    return dataclasses.astuple(dataclasses.replace(reply, first_token_seconds=0.0))
+
+
+def test_greedy_replies_equal_one_at_a_time_as_requests_join_and_leave_at_different_steps(chat):
+    lengths = [7, 30, 12, 25, 4, 18]  # rows leave at different steps, so waiting ones join mid-flight
+    expected = [alone(chat, q, greedy(n)) for q, n in zip(QUESTIONS, lengths, strict=True)]
+    assert len({e.prompt_tokens for e in expected}) == len(QUESTIONS)  # prompts of different lengths
+    engine = BatchEngine(chat, max_batch=3)
+    try:
+        futures = []
+
+        def chain(i: int):  # request i+1 arrives once request i has shown some text: a later step
+            fired = threading.Event()
+
+            def on_text(_: str) -> None:
+                if i + 1 < len(QUESTIONS) and not fired.is_set():
+                    fired.set()
+                    futures.append(submit(engine, QUESTIONS[i + 1], greedy(lengths[i + 1]), on_text=chain(i + 1)))
+            return on_text
+
+        futures.append(submit(engine, QUESTIONS[0], greedy(lengths[0]), on_text=chain(0)))
+        replies = []
+        while len(replies) < len(QUESTIONS):
+            replies.append(futures[len(replies)].result(timeout=60))
+    finally:
+        engine.close()
+    assert [fields(r) for r in replies] == [fields(e) for e in expected]
+    assert engine.steps > 0 and engine.stepped_rows / engine.steps > 1.5  # really batched
+    assert len(set(engine.joined_at)) == len(QUESTIONS)  # each joined at a step of its own
+
+
+def test_joins_at_different_steps_with_a_full_batch_and_a_queue(chat):
+    lengths = [9, 3, 14, 6, 11, 5]
+    expected = [alone(chat, q, greedy(n)) for q, n in zip(QUESTIONS, lengths, strict=True)]
+    engine = BatchEngine(chat, max_batch=2)
+    try:
+        with engine.wake:  # all queued before the worker looks: two run, four wait for a free row
+            futures = [submit(engine, q, greedy(n)) for q, n in zip(QUESTIONS, lengths, strict=True)]
+        replies = [f.result(timeout=60) for f in futures]
+    finally:
+        engine.close()
+    assert [fields(r) for r in replies] == [fields(e) for e in expected]
+    assert engine.joined_at[:2] == [0, 0] and len(set(engine.joined_at[2:])) == 4  # joined at 4 other steps
+
+
+def test_stop_strings_and_end_tokens_cut_the_reply_as_one_at_a_time(chat):
+    free = alone(chat, QUESTIONS[1], greedy(30)).raw
+    cut = free[len(free) // 2 : len(free) // 2 + 2]  # a stop string the greedy reply runs into
+    stopping = dataclasses.replace(chat, stop_strings=[*chat.stop_strings, cut], _criteria={})
+    expected = alone(stopping, QUESTIONS[1], greedy(30))
+    assert expected.stopped and expected.new_tokens < 30 and cut not in expected.raw
+    engine = BatchEngine(stopping, max_batch=4)
+    try:
+        with engine.wake:
+            futures = [submit(engine, q, greedy(30)) for q in QUESTIONS[:4]]
+        replies = [f.result(timeout=60) for f in futures]
+    finally:
+        engine.close()
+    assert fields(replies[1]) == fields(expected)
+    assert [fields(r) for r in replies] == [fields(alone(stopping, q, greedy(30))) for q in QUESTIONS[:4]]
+
+
+def test_a_seeded_sampled_reply_is_the_same_whatever_else_is_in_the_batch(chat):
+    seeded = Sampling(temperature=0.9, top_k=0, top_p=0.9, max_new_tokens=20, seed=7)
+    engine = BatchEngine(chat, max_batch=8)
+    try:
+        by_itself = submit(engine, QUESTIONS[2], seeded).result(timeout=60)
+        with engine.wake:
+            others = [submit(engine, q, Sampling(temperature=1.2, top_k=0, top_p=1.0, max_new_tokens=25, seed=i))
+                      for i, q in enumerate(QUESTIONS[3:])]
+            crowded = submit(engine, QUESTIONS[2], seeded)
+            others.append(submit(engine, QUESTIONS[0], greedy(15)))
+        crowded = crowded.result(timeout=60)
+        for other in others:
+            other.result(timeout=60)
+        unseeded = [submit(engine, QUESTIONS[2], dataclasses.replace(seeded, seed=None)).result(timeout=60).raw
+                    for _ in range(3)]
+    finally:
+        engine.close()
+    assert fields(crowded) == fields(by_itself)
+    # The one-at-a-time path seeds torch's generator with the same seed: the same draws.
+    assert fields(by_itself) == fields(alone(chat, QUESTIONS[2], seeded))
+    assert len(set(unseeded)) > 1  # without a seed, each reply draws afresh
+
+
+def test_streamed_pieces_join_to_the_reply(chat):
+    pieces: list[str] = []
+    engine = BatchEngine(chat)
+    try:
+        reply = submit(engine, QUESTIONS[3], greedy(24), on_text=pieces.append).result(timeout=60)
+    finally:
+        engine.close()
+    assert "".join(pieces) == reply.raw and len(pieces) > 1
+
+
+def test_cancelling_one_request_ends_only_that_one(chat):
+    cancel = threading.Event()
+    engine = BatchEngine(chat, max_batch=4)
+    try:
+        with engine.wake:
+            cancelled = submit(engine, QUESTIONS[1], greedy(200), cancel=cancel, on_text=lambda _: cancel.set())
+            kept = submit(engine, QUESTIONS[2], greedy(40))
+        cancelled, kept = cancelled.result(timeout=60), kept.result(timeout=60)
+        waiting = threading.Event()
+        waiting.set()
+        never_read = submit(engine, QUESTIONS[0], greedy(10), cancel=waiting).result(timeout=60)
+    finally:
+        engine.close()
+    assert not cancelled.stopped and cancelled.new_tokens < 20
+    assert fields(kept) == fields(alone(chat, QUESTIONS[2], greedy(40)))
+    assert never_read.new_tokens == 0 and never_read.raw == ""  # its client left before it was read
+
+
+def test_max_time_ends_a_reply_after_its_first_token(chat):
+    engine = BatchEngine(chat)
+    try:
+        reply = submit(engine, QUESTIONS[1], greedy(50), max_time=0.0).result(timeout=60)
+    finally:
+        engine.close()
+    assert reply.new_tokens == 1 and not reply.stopped
+
+
+def test_what_cannot_be_batched_is_refused_by_name(chat, tiny_bart_dir):
+    assert batchable(chat)
+    bart = load_chat_model(str(tiny_bart_dir))
+    assert not batchable(bart)
+    with pytest.raises(ValueError, match="cannot be batched"):
+        BatchEngine(bart)
+    with pytest.raises(ValueError, match="not repetition_penalty=1.3"):
+        warpers_for(Sampling(repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="max_batch must be at least 1, got 0"):
+        BatchEngine(chat, max_batch=0)
+
+
+def test_warpers_are_generates_own_for_the_same_settings():
+    names = [type(w).__name__ for w in warpers_for(Sampling(temperature=0.7, top_k=0, top_p=0.9))]
+    assert names == ["TemperatureLogitsWarper", "TopPLogitsWarper"]
+    assert list(warpers_for(Sampling(temperature=0))) == []
+    assert [type(w).__name__ for w in warpers_for(Sampling(temperature=1.0, top_k=50, top_p=1.0))] == [
+        "TopKLogitsWarper"]
