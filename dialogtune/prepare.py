@@ -4,32 +4,40 @@
     dialogtune prepare dataset.txt --format transcript --as Bob --rounds 5 -o out/
 
 The output directory holds `train/` and `validation/` (datasets.load_from_disk reads them; Arrow
-shards of up to 500 MB), `stats.json`, `rejects.jsonl` and `prepare.json` (config, tokenizer,
+shards of about 500 MB), `stats.json`, `rejects.jsonl` and `prepare.json` (config, tokenizer,
 template and fingerprint). A second run with the same config, data and tokenizer is a cache hit.
 
 Memory stays bounded whatever the size of the data: dialogues stream from the readers through the
 task and the tokenizer (in `num_proc` processes) a batch at a time into an unpacked scratch file;
 then each split is read back, packed `pack_buffer` examples at a time and written shard by shard.
 Only each dialogue's split rank (8 bytes) and the counts are kept throughout.
+
+The work happens in a staging directory beside the output (`.<output>-staging-*`), renamed into
+place at the end: a killed run leaves one behind, and the next preparation of the same output
+removes it once no other preparation of that output is running (`preparing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import re
 import resource
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
@@ -203,6 +211,10 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         if bad:
             raise StrictError(f"{bad[0]['source']}:{bad[0]['line']}: {bad[0]['reason']} (stopped: --strict;"
                               f" {len(bad)} bad records in {out / 'rejects.jsonl'})")
+        # A cache hit writes nothing, but a killed `--force` run may have left a staging directory:
+        # removed if no preparation of `out` is running (a read-only place has none, and no lock).
+        with contextlib.suppress(OSError), preparing(out, quiet=quiet):
+            pass
         if not quiet:
             print(f"cache hit: {out} already holds this preparation (fingerprint {key}); nothing to do")
         print_warnings(stats)  # still true of the data: said again, not only the first time
@@ -210,29 +222,40 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
     if config.task.name == "memory":
         from dialogtune.prepare_memory import prepare_memory
 
-        stats, _ = prepare_memory(config, tokenizer, out, quiet=quiet, read_options=reader_options(config),
-                                  sampled=lambda dialogue: sampled(dialogue, config.data.sample),
-                                  manifest_of=lambda speakers: manifest(config, tokenizer, tokenizer_id, template,
-                                                                        key, speakers))
+        with preparing(out, quiet=quiet):
+            stats, _ = prepare_memory(config, tokenizer, out, quiet=quiet, read_options=reader_options(config),
+                                      sampled=lambda dialogue: sampled(dialogue, config.data.sample),
+                                      manifest_of=lambda speakers: manifest(config, tokenizer, tokenizer_id,
+                                                                            template, key, speakers))
         print_warnings(stats)
         return Prepared(out, stats, False)
     require_targets(config)
     prompts = understand_prompts(config, tokenizer)
     tool_stats = ToolCallStats()
-    with staged_dir(out, may_replace=is_prepared_dataset) as staging:
+    # Closed in reverse: the run's files (and the scratch copy of the corpus) are closed and gone on
+    # every path before the staging directory is renamed into place or removed, then the lock.
+    with (preparing(out, quiet=quiet), staged_dir(out, may_replace=is_prepared_dataset) as staging,
+          contextlib.ExitStack() as run_files):
         # Pass 1, streamed: dialogues -> examples -> tokens, written unpacked to a scratch file;
         # pass 2: each split read back, packed a buffer at a time and written in shards.
         scratch = staging / EXAMPLES_FILE
-        reading = Reading(config, RejectLog(staging / "rejects.jsonl", config.strict))
+        run_files.callback(scratch.unlink, missing_ok=True)  # a whole tokenized copy of the corpus: never kept
+        reading = Reading(config, run_files.enter_context(RejectLog(staging / "rejects.jsonl", config.strict)))
         tok_stats = TokenizeStats()
-        tok_rejects = RejectLog(staging / TOKENIZE_REJECTS_FILE, strict=False)  # listed after the readers' ones
+        # Listed after the readers' ones.
+        tok_rejects = run_files.enter_context(RejectLog(staging / TOKENIZE_REJECTS_FILE, strict=False))
         first_bad: Reject | None = None  # --strict stops at it once reading is done, as the readers' come first
         ranks: list[np.ndarray] = []  # each tokenized group's rank: the split, decided once all are known
         bar = tqdm(desc="prepare", unit=" dialogues", disable=quiet or None, dynamic_ncols=True)
         try:
-            with no_gc(), pa.ipc.new_stream(str(scratch), EXAMPLES_SCHEMA) as writer:
-                batches = reading.example_batches(prompts, tool_stats, bar)
-                for table, stats in encoded_tables(batches, tokenizer, template, config):
+            # closing: a failure midway stops the readers (their open file) and the tokenizing
+            # workers now, not when the traceback is freed.
+            batches = run_files.enter_context(contextlib.closing(reading.example_batches(prompts, tool_stats, bar)))
+            tables = run_files.enter_context(contextlib.closing(encoded_tables(batches, tokenizer, template, config)))
+            # The file opened here, not by new_stream: a writer closes the files it is given, not
+            # one it opens from a path (that stays open as long as the writer object lives).
+            with no_gc(), pa.OSFile(str(scratch), "wb") as sink, pa.ipc.new_stream(sink, EXAMPLES_SCHEMA) as writer:
+                for table, stats in tables:
                     for reject in stats.rejects:
                         tok_rejects.add(reject)
                         if first_bad is None and reject.stage != UNUSED:
@@ -267,9 +290,11 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
             if absent:
                 warnings.append(f"speaker {', '.join(map(repr, absent))} never occurs (speakers: "
                                 + ", ".join(name for name, _ in speakers.most_common(12)) + ")")
+        split_stats = {}
         with datasets_bars(shown=not quiet):
-            split_stats = {split: write_split(staging / split, split_examples(scratch, cutoff, split), config,
-                                              f"{key}-{split}") for split in SPLITS}
+            for split in SPLITS:
+                with contextlib.closing(split_examples(scratch, cutoff, split)) as examples:  # closes the scratch
+                    split_stats[split] = write_split(staging / split, examples, config, f"{key}-{split}")
         split_stats["train"]["dialogues"] = len(groups) - held_out
         split_stats["validation"]["dialogues"] = held_out
         scratch.unlink()
@@ -309,7 +334,13 @@ class RejectLog:
         self.strict = strict
         self.count = 0
         self.by_reason: Counter[str] = Counter()
-        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close(), or with the staging dir)
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close() or on leaving `with`)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add(self, reject: Reject) -> None:
         if self.strict and reject.stage != UNUSED:
@@ -342,24 +373,28 @@ class Reading:
         config = self.config
         pending: list[Example] = []
         for path in config.data.path:
-            for item in read_dialogues(Path(path), config.data.format, notes=self.notes, **reader_options(config)):
-                if isinstance(item, Reject):
-                    self.rejects.add(item)
-                    continue
-                if not sampled(item, config.data.sample):
-                    self.sampled_out += 1
-                    continue
-                self.dialogues += 1
-                bar.update()
-                self.speakers.update(t.speaker for t in item.turns if t.speaker)
-                made = examples_of(item, config, prompts, tool_stats)
-                if isinstance(made, Reject):
-                    self.rejects.add(made)
-                    continue
-                pending.extend(made)
-                if len(pending) >= BATCH:
-                    yield pending
-                    pending = []
+            # closing: a stop midway (--strict, an error downstream) closes the file now, not when
+            # the traceback that holds this frame is freed.
+            with contextlib.closing(read_dialogues(Path(path), config.data.format, notes=self.notes,
+                                                   **reader_options(config))) as items:
+                for item in items:
+                    if isinstance(item, Reject):
+                        self.rejects.add(item)
+                        continue
+                    if not sampled(item, config.data.sample):
+                        self.sampled_out += 1
+                        continue
+                    self.dialogues += 1
+                    bar.update()
+                    self.speakers.update(t.speaker for t in item.turns if t.speaker)
+                    made = examples_of(item, config, prompts, tool_stats)
+                    if isinstance(made, Reject):
+                        self.rejects.add(made)
+                        continue
+                    pending.extend(made)
+                    if len(pending) >= BATCH:
+                        yield pending
+                        pending = []
             if config.strict and self.notes:
                 raise StrictError(f"{self.notes[0]} (stopped: --strict)")
         if pending:
@@ -403,6 +438,7 @@ _WORKER: tuple[ExampleEncoder, int] | None = None  # a worker process's encoder 
 def _start_worker(tokenizer, template: ChatTemplate, max_length: int, seed: int) -> None:
     global _WORKER
     # Each process is one core's share: the Rust tokenizer's own threads would only contend.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked with terminated_as_exit's: the main process cleans up
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = (ExampleEncoder(tokenizer, template, max_length), seed)
 
@@ -533,23 +569,27 @@ def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, 
 
     parts: list[Path] = []
     writer, size, features = None, 0, None
-    for table in tables:
-        if writer is None:
-            if features is None:
-                directory.mkdir(parents=True)
-                features = datasets.Features.from_arrow_schema(table.schema)
-            parts.append(directory / f"data-{len(parts):05d}.partial")
-            writer = ArrowWriter(features=features, path=str(parts[-1]))
-        for batch in table.to_batches(max_chunksize=WRITE_ROWS):  # the writer copies what it is given
-            writer.write_table(pa.Table.from_batches([batch]))
-        size += table.nbytes
-        if size >= shard_bytes:
+    try:
+        for table in tables:
+            if writer is None:
+                if features is None:
+                    directory.mkdir(parents=True)
+                    features = datasets.Features.from_arrow_schema(table.schema)
+                parts.append(directory / f"data-{len(parts):05d}.partial")
+                writer = ArrowWriter(features=features, path=str(parts[-1]))
+            for batch in table.to_batches(max_chunksize=WRITE_ROWS):  # the writer copies what it is given
+                writer.write_table(pa.Table.from_batches([batch]))
+            # A shard closes once it passes shard_bytes: it can exceed them by one table (a packed buffer).
+            size += table.nbytes
+            if size >= shard_bytes:
+                writer.finalize()
+                writer.close()
+                writer, size = None, 0
+        if writer is not None:
             writer.finalize()
+    finally:
+        if writer is not None:  # on any path: a failed split leaves no open file (its .partial goes with the staging)
             writer.close()
-            writer, size = None, 0
-    if writer is not None:
-        writer.finalize()
-        writer.close()
     if not parts:
         return 0
     names = [f"data-{index:05d}-of-{len(parts):05d}.arrow" for index in range(len(parts))]
@@ -713,3 +753,72 @@ def is_prepared_dataset(directory: Path) -> bool:
     """Whether `directory` may be replaced by a new preparation: empty, or one of ours."""
     return not any(directory.iterdir()) or (directory / PREPARED_FILE).exists()
 
+
+
+# -- the output's staging directories: one per run, and what killed runs leave --------
+@contextlib.contextmanager
+def preparing(out: Path, *, quiet: bool = False) -> Iterator[list[Path]]:
+    """Held while a preparation writes `out`; first removes the staging directories that killed
+    preparations of `out` left (each can hold a whole tokenized copy of the corpus). Yields those
+    removed.
+
+    Which are stale is decided by a lock, not by guessing from pids or ages: every preparation of
+    `out` holds a shared flock on `.<name>.lock` beside it for as long as it runs, and the lock
+    goes with the process however it ends (SIGKILL included). A preparation that can take the lock
+    exclusively knows that no other is running, so every staging directory of `out` is stale; one
+    that cannot (another preparation of `out` is under way, this user's or another's) removes
+    nothing and leaves the cleaning to a later run. The lock file stays (a few bytes: removing it
+    would let two runs lock different files)."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f".{out.name}.lock"
+    try:  # read-write where we may; another user's lock file, read-only, locks as well (flock on Linux)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as lock, terminated_as_exit():
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            removed = []
+        else:
+            removed = remove_stale_staging(out, parent)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # from exclusive, or waiting out another run's cleaning
+        if removed and not quiet:
+            print(f"removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} that stopped"
+                  f" preparations of {out} left: {', '.join(p.name for p in removed)}", file=sys.stderr)
+        yield removed
+
+
+def remove_stale_staging(out: Path, parent: Path) -> list[Path]:
+    """Remove `out`'s staging directories (staged_dir's `.<name>-staging-XXXXXXXX`; the caller
+    knows no preparation of `out` is running). Those that cannot be removed (another user's) stay."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}-staging-[a-z0-9_]{{8}}")  # mkdtemp's 8 characters
+    removed = []
+    for entry in sorted(parent.iterdir()):
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `kill`) raises SystemExit(143) in here, so the staging
+    directory and its scratch copy of the corpus are removed on the way out, as on any error,
+    rather than left for the next run. Only where SIGTERM would otherwise end the process
+    outright: a handler someone set (training's stop at the end of a step) is left alone."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

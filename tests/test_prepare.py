@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -433,3 +439,114 @@ def test_a_split_written_in_shards_loads_to_the_same_rows(tmp_path, tiny_model_d
     state, theirs = (json.loads((d / "state.json").read_text()) for d in (ours, saved))
     assert {k: v for k, v in state.items() if k not in ("_data_files", "_fingerprint")} == \
         {k: v for k, v in theirs.items() if k not in ("_data_files", "_fingerprint")}
+
+
+# -- what a failed or killed preparation leaves: no open files, no staging copy -----------------
+def files_open_under(directory):
+    """This process's open file descriptors that point into `directory`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)):
+                found.append(target)
+    return found
+
+
+def staging_dirs(tmp_path, name="out"):
+    return sorted(p.name for p in tmp_path.glob(f".{name}-staging-*"))
+
+
+def fail_in_packing(monkeypatch):
+    """Packing yields its first packed table, then breaks: pass 2 fails with a shard open."""
+    from dialogtune import prepare as module
+
+    real = module.pack_stream
+
+    def breaking(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(module, "pack_stream", breaking)
+
+
+@pytest.mark.parametrize("where", ["reading", "tokenizing", "packing", "packing after 2 processes tokenized"])
+def test_a_failed_preparation_leaves_no_open_file_and_no_staging_directory(tmp_path, tiny_model_dir, monkeypatch,
+                                                                          where):
+    if where == "reading":  # --strict stops at a reader's reject, in pass 1
+        config, error, message = make_config(tmp_path, tiny_model_dir, strict=True), StrictError, "play.txt:8"
+    elif where == "tokenizing":  # --strict stops at a turn too long, once pass 1 has written the scratch file
+        lines = [json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                          {"role": "assistant", "content": "word " * (60 if i == 7 else 2)}]})
+                 for i in range(12)]
+        (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+        config = build_config({"data": {"path": str(tmp_path / "chats.jsonl")}, "task": {"as": "assistant"},
+                               "model": {"name": str(tiny_model_dir)}, "template": {"name": "chatml"},
+                               "max_length": 64, "strict": True, "output": str(tmp_path / "out")})
+        error, message = StrictError, "does not fit in max_length=64"
+    else:  # a write failing in pass 2, with a shard and the scratch file open
+        fail_in_packing(monkeypatch)
+        processes = 2 if "2 processes" in where else 1
+        config = chats_config(tmp_path, tiny_model_dir, "out", num_proc=processes)
+        error, message = OSError, "disk full"
+    monkeypatch.setattr("dialogtune.prepare.BATCH", 4)  # several batches: a reader is mid-file when it stops
+    with pytest.raises(error, match=message) as failed:
+        prepare(config, quiet=True)
+    # `failed` holds the traceback, and so every frame of the run: what is still open is still open.
+    assert failed.traceback and files_open_under(tmp_path) == []
+    assert staging_dirs(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def killed_preparation(tmp_path, config, sig):
+    """Run `prepare(config)` in a child process that gets `sig` once pass 1 has written a batch."""
+    child = f"""
+import json, os, signal, sys
+from dialogtune import prepare as module
+from dialogtune.config import build_config
+module.BATCH = 4
+real = module.encoded_tables
+def then_killed(*args, **kwargs):
+    tables = real(*args, **kwargs)
+    yield next(tables)
+    os.kill(os.getpid(), {int(sig)})  # the first table is in the scratch file by now
+    yield from tables
+module.encoded_tables = then_killed
+module.prepare(build_config(json.loads(sys.argv[1])), quiet=True)
+"""
+    raw = json.dumps(config.model_dump(mode="json", by_alias=True))
+    return subprocess.run([sys.executable, "-c", child, raw], check=False, capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_removes_the_staging_directory_on_the_way_out(tmp_path, tiny_model_dir):
+    done = killed_preparation(tmp_path, chats_config(tmp_path, tiny_model_dir, "out"), signal.SIGTERM)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert staging_dirs(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_killed_preparations_staging_is_removed_by_the_next_once_none_runs(tmp_path, tiny_model_dir, capsys):
+    config = chats_config(tmp_path, tiny_model_dir, "out")
+    done = killed_preparation(tmp_path, config, signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    [left] = staging_dirs(tmp_path)  # SIGKILL runs no cleanup: the scratch copy of the corpus stays
+    assert (tmp_path / left / ".examples.arrow").stat().st_size > 0
+    # Another preparation of the same output holds the lock: its staging directory might be this
+    # one, so nothing is removed; this preparation goes on beside it.
+    with open(tmp_path / ".out.lock", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        assert not prepare(config, quiet=True).cache_hit
+        assert staging_dirs(tmp_path) == [left]
+        assert not prepare(config, force=True, quiet=True).cache_hit  # nor the next, while it runs
+        assert staging_dirs(tmp_path) == [left]
+    # None runs now: even a cache hit removes it, and says so.
+    sibling = tmp_path / ".out-staging-keep" / "x"  # not of staged_dir's making: not touched
+    sibling.parent.mkdir()
+    sibling.write_text("x")
+    other = tmp_path / ".outer-staging-abcdefgh"  # another output's, whose name starts the same
+    other.mkdir()
+    capsys.readouterr()
+    assert prepare(config).cache_hit
+    assert staging_dirs(tmp_path) == [".out-staging-keep"] and other.exists()
+    assert f"removed 1 staging directory that stopped preparations of {tmp_path / 'out'} left: {left}" \
+        in capsys.readouterr().err
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())  # the output is whole
+    assert datasets.load_from_disk(str(tmp_path / "out" / "train")).num_rows == stats["splits"]["train"]["rows"] > 0

@@ -208,3 +208,24 @@ def test_the_best_checkpoint_survives_a_kill_and_the_resumed_run(tmp_path, tiny_
     losses = eval_losses(tmp_path / "run")
     assert sorted(losses) == [2, 4, 6, 8] and max(losses, key=losses.get) == 2
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-8"]
+
+
+def test_the_loss_runs_in_the_training_precision(tmp_path, tiny_model_dir):
+    """bf16 training computes the backbone in bf16: Accelerate's autocast is on the model's forward,
+    which the fused loss does not call, so the trainer enters it around the loss itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from dialogtune.collate import CausalCollator
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    seen = []
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
+    trainer = DialogTrainer(model=model, args=args, train_dataset=[], data_collator=None)
+    batch = CausalCollator(pad_token_id=0)([{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8],
+                                                 "position_ids": [0, 1, 2, 3]}])
+    with trainer.compute_loss_context_manager():  # as Trainer.training_step runs each micro-batch
+        trainer.compute_loss(model, batch)
+    assert seen == [torch.bfloat16]
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the weights stay fp32

@@ -57,6 +57,12 @@ class DialogTrainer(Trainer):
         self.add_callback(_GuardCallback(self))
 
     # -- loss -------------------------------------------------------------------------
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """The training precision's autocast around the loss (Trainer enters it for each
+        micro-batch). Accelerate puts autocast on the model's forward only, and `trained_loss`
+        runs the backbone and the output layer itself, without that forward."""
+        return self.accelerator.autocast()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = trained_loss(model, inputs)
         if model.training:
@@ -78,7 +84,7 @@ class DialogTrainer(Trainer):
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
         count = torch.zeros((), dtype=torch.long, device=self.args.device)
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast_smart_context_manager():
             for batch in dataloader:
                 loss_sum, n = trained_loss(model, self._prepare_inputs(batch))
                 total += loss_sum.double()
