@@ -40,13 +40,17 @@ activations  what backward needs, per block and token (h hidden size, I intermed
              tables once (2 x head dim x 4 bytes a token), and the final norm. Under autocast
              each linear weight's bf16 copy is kept for backward: 2 bytes per block linear
              parameter (adapters included). With gradient checkpointing a block keeps only its
-             input (4h a token) and one block at a time is recomputed whole. Tokens per
+             input (4h a token) and one block at a time is recomputed whole; autocast's cast
+             cache then holds only the trained weights' copies until the forward ends (frozen
+             weights' copies are made and dropped layer by layer), and the recomputed block its
+             own: the larger of the two is counted. Tokens per
              micro-batch: batch x max_length (packed rows are at most max_length; every
              example is assumed as long as a row, the worst case for the mask terms).
              tests/test_estimate.py checks the formula byte for byte against what a Llama
              block keeps (full, LoRA with and without dropout; segment, SDPA and eager
-             attention; fp32 and bf16 autocast); other architectures reuse it as an
-             approximation.
+             attention; fp32, bf16 autocast, and bf16 weights under autocast as FSDP runs
+             them), and the weight copies a checkpointed step holds against the copies alive
+             in a real one; other architectures reuse it as an approximation.
 logits       counted apart, since for small models with big vocabularies it is often the
              largest single term. dialogtune's loss (loss.py) runs the output layer and the
              cross-entropy fused, in chunks of CHUNK_ELEMENTS logits, over trained positions only:
@@ -61,8 +65,20 @@ distribution DDP replicates everything and adds gradient buckets the size of the
              (with more than one process); FSDP full-shard and ZeRO-3 divide weights,
              gradients and optimizer state by the processes and add two gathered blocks
              (the one computing and the one prefetched); ZeRO-2 divides gradients and
-             optimizer state. cpu_offload moves the optimizer state (and, with FSDP or ZeRO-3,
-             the sharded weights and gradients) to host memory, reported apart.
+             optimizer state. FSDP (Accelerate's fsdp2_prepare_model) keeps fp32 shards and
+             gathers them in the compute precision (MixedPrecisionPolicy param_dtype: bf16 in
+             a bf16 run, so autocast makes no weight copies and activations are counted as for
+             a half-precision model); it also keeps its unit of [final norm, output layer]
+             gathered from the end of the forward through the backward (from its start when the
+             embedding, tied to the output layer, is in the unit too), adds one block's unsharded gradients in its reduce-scatter buffer, and
+             leaves 4-bit weights out of its shards (each process keeps them whole). DeepSpeed
+             adds its communication buckets: training sets them (train/distributed.py: reduce
+             h*h elements, ZeRO-3 prefetch 0.9*h*h, ZeRO-2 all-gather 5e7), and with
+             overlap_comm DeepSpeed's documentation puts their footprint at about 4.5 times the
+             reduce and all-gather buckets. cpu_offload moves the optimizer state (and, with
+             FSDP or ZeRO-3, the sharded weights and gradients) to host memory, reported apart.
+             The engines' terms follow their code and documentation; no multi-GPU run has
+             checked them.
 
 The total is the sum of the terms (in backward, gradients appear as activations are freed, so
 a full fine-tuning peak holds less than all its gradients): the tensors, what a GPU's
@@ -143,6 +159,7 @@ class ModelCount:
     trainable: int
     blocks: int  # transformer blocks (decoder layers; encoder and decoder layers for seq2seq)
     largest_block: int  # parameters of the largest block: what FSDP/ZeRO-3 gather at once
+    largest_block_trainable: int  # its trainable ones: what FSDP reduce-scatters at once
     block_linear: int  # weights of the blocks' linear layers (what QLoRA quantizes)
     block_linear_rows: int
     hidden: int
@@ -183,6 +200,20 @@ def lora_config(config: TrainJobConfig, encoder_decoder: bool):
         targets = [targets] if isinstance(targets, str) else list(targets)
     return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=targets, task_type="SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM")
+
+
+def check_lora_targets(config: TrainJobConfig, model) -> None:
+    """Refuse target modules the model lacks, with training's message (train/model.py add_lora)."""
+    from dialogtune.train.model import linear_module_names
+
+    targets = config.lora.target_modules
+    if targets == "all-linear":
+        return
+    present = set(linear_module_names(model))
+    missing = [t for t in ([targets] if isinstance(targets, str) else targets) if t not in present]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules"
+                          f" are: {', '.join(sorted(present))} (or use all-linear)")
 
 
 # Linear layers by the input they take: the attention's (from the first norm), the attention
@@ -247,6 +278,7 @@ def count_model(config: TrainJobConfig) -> ModelCount:
     else:
         from peft import get_peft_model
 
+        check_lora_targets(config, model)
         with init_empty_weights(), quiet_peft():
             model = get_peft_model(model, lora_config(config, encoder_decoder))
         trainable, parameters = model.get_nb_trainable_parameters()
@@ -257,6 +289,8 @@ def count_model(config: TrainJobConfig) -> ModelCount:
         architecture=type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         parameters=int(parameters), trainable=int(trainable), blocks=len(blocks),
         largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        largest_block_trainable=max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks),
+                                    default=0),
         block_linear=sum(m.weight.numel() for m in linears),
         block_linear_rows=sum(m.weight.shape[0] for m in linears),
         hidden=hidden, intermediate=intermediate, heads=heads,
@@ -280,8 +314,8 @@ def training_precision(requested: str, device: str) -> str:
 
 @dataclass(frozen=True)
 class Numerics:
-    """Bytes per element where they differ: fp32, autocast (fp32 weights, half compute) or a
-    half-precision model (DeepSpeed)."""
+    """Bytes per element where they differ: fp32, autocast (fp32 weights, half compute) or blocks
+    computing on half-precision weights (DeepSpeed's half model, FSDP's weights gathered in bf16)."""
 
     mode: str  # fp32, autocast, half
     device: str = "gpu"  # dropout masks: one byte an element on a GPU, the input's dtype on a CPU
@@ -370,6 +404,22 @@ def block_activation_bytes(count: ModelCount, tokens: int, example_length: int, 
     return per_token * tokens + extra
 
 
+def weight_copy_bytes(count: ModelCount, numerics: Numerics, checkpointing: bool, quantized: bool = False) -> int:
+    """The most bf16 copies of the blocks' linear weights that autocast holds at once. Without
+    checkpointing every copy is saved for backward (LoRA's adapters too). With it nothing inside a
+    block is saved, and autocast's cast cache keeps only the copies of trained weights (leaves that
+    require grad) until the forward ends: the most held is the larger of those and one block's
+    copies, recomputed in backward. A quantized layer dequantizes its weight as it computes instead."""
+    if numerics.mode != "autocast":
+        return 0
+    adapters = 0 if count.base_trained else count.trainable
+    base = 0 if quantized else count.block_linear
+    if not checkpointing:
+        return 2 * (base + adapters)
+    trained = count.block_linear if count.base_trained else adapters
+    return max(2 * trained, 2 * (base + adapters) // max(count.blocks, 1))
+
+
 def activation_bytes(count: ModelCount, tokens: int, example_length: int, numerics: Numerics,
                      checkpointing: bool, quantized: bool = False) -> int:
     """Every block's activations (or, checkpointed, every block's input and one block whole),
@@ -381,12 +431,7 @@ def activation_bytes(count: ModelCount, tokens: int, example_length: int, numeri
         blocks = count.blocks * one_block
     final_norm = (8 * count.hidden + 4) * tokens
     rotary = 2 * count.head_dim * 4 * tokens
-    # Under autocast every linear weight's bf16 copy is kept for backward (LoRA's adapters too);
-    # a quantized layer dequantizes its weight again in backward instead.
-    adapters = 0 if count.base_trained else count.trainable
-    base = 0 if quantized else count.block_linear
-    weight_copies = 2 * (base + adapters) if numerics.mode == "autocast" else 0
-    return blocks + final_norm + rotary + weight_copies
+    return blocks + final_norm + rotary + weight_copy_bytes(count, numerics, checkpointing, quantized)
 
 
 def logits_bytes(count: ModelCount, tokens: int, numerics: Numerics, through_forward: bool = False) -> int:
@@ -441,12 +486,34 @@ class Estimate:
         return out
 
 
-def _weights_bytes(config: TrainJobConfig, count: ModelCount, half_model: bool) -> int:
+def _weights_bytes(config: TrainJobConfig, count: ModelCount, half_model: bool) -> tuple[int, int]:
+    """(the quantized block linears, the rest)."""
     if config.method == "qlora":
         quantized = count.block_linear * NF4_BYTES if config.quantization_bits == 4 else \
             count.block_linear + 4 * count.block_linear_rows
-        return int(quantized + 4 * (count.parameters - count.block_linear))
-    return count.parameters * (2 if half_model else 4)
+        return int(quantized), 4 * (count.parameters - count.block_linear)
+    return 0, count.parameters * (2 if half_model else 4)
+
+
+def _whole_number(train: dict, key: str, default: int) -> int:
+    value = train.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"train.{key}: expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def deepspeed_bucket_bytes(count: ModelCount, zero_stage: int, element_bytes: int) -> int:
+    """DeepSpeed's communication buckets at the sizes training's config gives them
+    (train/distributed.py deepspeed_config; transformers fills "auto" from the hidden size h:
+    reduce h*h elements, ZeRO-3 prefetch 0.9*h*h). With overlap_comm DeepSpeed holds about 4.5
+    times the reduce and all-gather buckets (its documented rule: 5e8-element buckets take ~9 GB
+    in 2 bytes); ZeRO-3 adds its prefetch bucket of parameters."""
+    from dialogtune.train.distributed import ZERO2_ALLGATHER_BUCKET_SIZE
+
+    reduce = count.hidden * count.hidden
+    if zero_stage == 2:
+        return int(4.5 * element_bytes * (reduce + ZERO2_ALLGATHER_BUCKET_SIZE))
+    return int(4.5 * element_bytes * reduce) + element_bytes * int(0.9 * reduce)
 
 
 def estimate(config: TrainJobConfig, *, processes: int = 1, device: str = "gpu", source: str = "config") -> Estimate:
@@ -456,13 +523,22 @@ def estimate(config: TrainJobConfig, *, processes: int = 1, device: str = "gpu",
     if device not in ("gpu", "cpu"):
         raise ConfigError(f"--device: expected gpu or cpu, got {device!r}")
     layout = distribution_of(config, processes)
+    if device == "cpu" and layout.strategy != "ddp":  # as training refuses (train/distributed.py engine_arguments)
+        raise ConfigError(f"distributed.strategy: {layout.strategy} needs GPUs (Accelerate runs CPU processes with"
+                          " DDP only); use strategy ddp on CPU")
+    if config.method == "qlora" and device == "cpu":
+        raise ConfigError("method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a CUDA GPU;"
+                          " estimate it with --device gpu, or use method: lora for a CPU run")
     precision = training_precision(config.precision, device)
-    half_model = layout.strategy == "deepspeed" and precision != "fp32"
-    numerics = Numerics("fp32" if precision == "fp32" else "half" if half_model else "autocast", device)
-    if config.method == "qlora" and numerics.mode == "fp32":
-        raise ConfigError("method: qlora trains on a CUDA GPU only; estimate it with --device gpu")
-    batch = int(config.train.get("per_device_train_batch_size", DEFAULT_BATCH_SIZE))
-    accumulation = int(config.train.get("gradient_accumulation_steps", 1))
+    half = precision != "fp32"
+    # DeepSpeed keeps the model itself in half precision. FSDP keeps fp32 shards but gathers them in
+    # half precision (Accelerate's MixedPrecisionPolicy(param_dtype=bf16)): blocks compute on half
+    # weights, so autocast makes no copies and the residual stream is half, as with DeepSpeed.
+    half_model = layout.strategy == "deepspeed" and half
+    half_compute = layout.strategy in ("deepspeed", "fsdp") and half
+    numerics = Numerics("fp32" if not half else "half" if half_compute else "autocast", device)
+    batch = _whole_number(config.train, "per_device_train_batch_size", DEFAULT_BATCH_SIZE)
+    accumulation = _whole_number(config.train, "gradient_accumulation_steps", 1)
     optimizer = str(config.train.get("optim", DEFAULT_OPTIMIZER))
     checkpointing = bool(config.train.get("gradient_checkpointing", False)) or config.method == "qlora" \
         or layout.activation_checkpointing
@@ -477,10 +553,14 @@ def estimate(config: TrainJobConfig, *, processes: int = 1, device: str = "gpu",
     state = OPTIMIZER_STATE_BYTES.get(optimizer, 8) + (4 if half_model else 0)
     grad = 2 if half_model else 4
     n = layout.processes
-    weights = _weights_bytes(config, count, half_model)
+    quantized, weights = _weights_bytes(config, count, half_model)
     gradients = count.trainable * grad
     optimizer_state = count.trainable * state
     host = 0
+    # FSDP leaves 4-bit weights out of its shards (Accelerate's fsdp2_prepare_model ignores frozen
+    # non-float Params4bit): every process keeps them whole.
+    replicated = quantized if layout.strategy == "fsdp" and config.quantization_bits == 4 else 0
+    weights += quantized - replicated
     if layout.shards_weights:
         weights //= n
     if layout.shards_optimizer:
@@ -492,6 +572,7 @@ def estimate(config: TrainJobConfig, *, processes: int = 1, device: str = "gpu",
         if layout.shards_weights:
             host += weights + gradients
             weights = gradients = 0
+    weights += replicated
     terms = {"weights": weights, "gradients": gradients, "optimizer state": optimizer_state,
              "activations": activation_bytes(count, tokens, config.max_length, numerics, checkpointing,
                                              quantized=config.method == "qlora"),
@@ -499,7 +580,19 @@ def estimate(config: TrainJobConfig, *, processes: int = 1, device: str = "gpu",
     if layout.strategy == "ddp" and n > 1:
         terms["DDP gradient buckets"] = count.trainable * grad
     if layout.shards_weights:
-        terms["gathered blocks"] = 2 * count.largest_block * (2 if half_model else 4)  # fp32 unless DeepSpeed's half model
+        # The block computing and the one prefetched, gathered in the compute precision (FSDP's
+        # param_dtype, DeepSpeed's half model); FSDP does not gather the 4-bit weights it leaves out.
+        gathered = count.largest_block - (count.block_linear // max(count.blocks, 1) if replicated else 0)
+        terms["gathered blocks"] = 2 * gathered * (2 if half else 4)
+    if layout.strategy == "fsdp":
+        # Accelerate shards [final norm, output layer] (the embedding too when tied to it) as one
+        # unit that stays gathered from the end of the forward through the backward
+        # (reshard_after_forward=False); and a block's unsharded gradients (reduce dtype: the
+        # param dtype) are copied into one reduce-scatter buffer.
+        terms["gathered output layer"] = (count.vocab * count.hidden + count.hidden) * (2 if half else 4)
+        terms["reduce-scatter buffer"] = count.largest_block_trainable * (2 if half else 4)
+    if layout.strategy == "deepspeed":
+        terms["DeepSpeed buckets"] = deepspeed_bucket_bytes(count, layout.zero_stage, grad)
     if not count.gated_mlp or count.encoder_decoder:
         notes.append("activations: the formula is measured on Llama-style blocks; for this architecture it is"
                      " an approximation")

@@ -18,6 +18,7 @@ from dialogtune.estimate import (
     block_activation_bytes,
     count_model,
     estimate,
+    weight_copy_bytes,
 )
 
 
@@ -116,15 +117,19 @@ def test_smollm2_from_its_config_alone():
     assert lora.trainable == c.num_hidden_layers * 16 * ((h + h) + 2 * (h + kv) + (h + h))  # A and B of each
 
 
-def saved_bytes_of_one_block(config: TrainJobConfig, attention: str, autocast: bool, tokens: int) -> tuple[int, int]:
+def saved_bytes_of_one_block(config: TrainJobConfig, attention: str, autocast: bool, tokens: int,
+                             half: bool = False) -> tuple[int, int]:
     """(bytes a block of training's own model keeps for backward, of which bf16 weight copies),
-    each storage counted once; parameters, the block's input and the rotary tables left out."""
+    each storage counted once; parameters, the block's input and the rotary tables left out.
+    `half`: the weights themselves in bf16 (DeepSpeed's half model; FSDP's gathered weights)."""
     from dialogtune.loss import core_model
     from dialogtune.train.attention import use_segment_attention
     from dialogtune.train.model import load_model
 
     torch.manual_seed(0)
     model = load_model(config)
+    if half:
+        model.to(torch.bfloat16)
     core = core_model(model)
     if attention == "segments":
         assert use_segment_attention(core)
@@ -166,21 +171,88 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize(("attention", "autocast"), [
-    ("segments", False), ("sdpa", False), ("eager", False), ("segments", True), ("sdpa", True),
+@pytest.mark.parametrize(("attention", "autocast", "half"), [
+    ("segments", False, False), ("sdpa", False, False), ("eager", False, False), ("segments", True, False),
+    ("sdpa", True, False), ("segments", True, True), ("sdpa", True, True),
 ])
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("tokens", [256, 300])
-def test_activation_formula_equals_what_a_block_keeps(llama_dir, method, attention, autocast, tokens):
+def test_activation_formula_equals_what_a_block_keeps(llama_dir, method, attention, autocast, half, tokens):
     config = job(llama_dir, **METHODS[method])
     count = count_model(config)
-    measured, weight_copies = saved_bytes_of_one_block(config, attention, autocast, tokens)
-    numerics = Numerics("autocast" if autocast else "fp32", device="cpu")
+    measured, weight_copies = saved_bytes_of_one_block(config, attention, autocast, tokens, half)
+    numerics = Numerics("half" if half else "autocast" if autocast else "fp32", device="cpu")
     formula = block_activation_bytes(count, tokens, tokens, numerics, attention)
     # Under autocast each linear weight's bf16 copy is kept too (2 bytes a parameter, adapters included).
     adapters = 0 if method == "full" else count.trainable
-    assert weight_copies == (2 * (count.block_linear + adapters) // count.blocks if autocast else 0)
+    assert weight_copies == (2 * (count.block_linear + adapters) // count.blocks if autocast and not half else 0)
     assert formula == measured - weight_copies
+
+
+def weight_copies_held(config: TrainJobConfig, tokens: int = 128) -> tuple[int, int]:
+    """Training's own model, checkpointed as Trainer does it, one step under CPU bf16 autocast:
+    (bytes of the blocks' bf16 weight copies alive when the forward ends, the most alive at once
+    in backward). Every cast of a block weight is followed by a weak reference to its storage."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dialogtune.loss import core_model
+    from dialogtune.train.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(config)
+    model.activation_checkpointing_enable()
+    model.train()
+    core = core_model(model)
+    block_weights = {id(p) for p in core.model.layers.parameters()}
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.alive: list[tuple[StorageWeakRef, int]] = []
+            self.most = 0
+
+        def live(self) -> int:
+            self.alive = [(ref, size) for ref, size in self.alive if not ref.expired()]
+            return sum(size for _, size in self.alive)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in block_weights:
+                storage = out.untyped_storage()
+                self.alive.append((StorageWeakRef(storage), storage.nbytes()))
+            self.most = max(self.most, self.live())
+            return out
+
+    ids = torch.randint(0, core.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    casts = Casts()
+    with casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            gc.collect()
+            after_forward = casts.live()
+        casts.most = 0
+        loss.backward()
+    return after_forward, casts.most
+
+
+@pytest.mark.parametrize("method", ["full", "lora-qkvo-dropout", "lora-all-linear"])
+def test_checkpointed_autocast_keeps_trained_weights_copies_and_one_blocks(llama_dir, method):
+    config = job(llama_dir, **METHODS[method])
+    count = count_model(config)
+    after_forward, in_backward = weight_copies_held(config)
+    trained = count.block_linear if method == "full" else count.trainable
+    # Frozen weights' copies are not kept: only the trained ones' (autocast's cast cache) ...
+    assert after_forward == 2 * trained
+    # ... and in backward the recomputed block's, every weight of it.
+    assert in_backward == 2 * (count.block_linear + (0 if method == "full" else count.trainable)) // count.blocks
+    autocast = Numerics("autocast", device="cpu")
+    assert weight_copy_bytes(count, autocast, checkpointing=True) == max(after_forward, in_backward)
+    assert weight_copy_bytes(count, autocast, checkpointing=False) == \
+        2 * (count.block_linear + (0 if method == "full" else count.trainable))
+    assert weight_copy_bytes(count, Numerics("fp32"), checkpointing=True) == 0
 
 
 def test_segment_attention_constants_match_training():
@@ -294,8 +366,124 @@ def test_qlora_quantizes_the_block_linears(llama_dir):
     assert four.terms["weights"] == int(count.block_linear * (0.5 + 1 / 64 + 4 / 16384) + rest)
     assert eight.terms["weights"] == count.block_linear + 4 * count.block_linear_rows + rest
     assert four.gradient_checkpointing  # training switches it on for QLoRA
-    with pytest.raises(ConfigError, match="qlora trains on a CUDA GPU"):
+    with pytest.raises(ConfigError, match="qlora loads the base model in 4/8-bit with bitsandbytes, which needs a CUDA"):
         estimate(job(llama_dir, method="qlora"), device="cpu")
+    # Training runs QLoRA in fp32 on a GPU (pick_precision allows it): so does the estimate.
+    fp32 = estimate(job(llama_dir, method="qlora", precision="fp32"), device="gpu")
+    assert fp32.precision == "fp32" and fp32.terms["weights"] == four.terms["weights"]
+
+
+def test_fsdp_gathers_in_the_compute_precision_and_keeps_its_output_unit_gathered(untied_llama_dir):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    config = job(untied_llama_dir, method="full", precision="bf16", distributed={"strategy": "fsdp"})
+    result = estimate(config, processes=4, device="gpu")
+    count = count_model(config)
+    # Accelerate's FSDP2 policy for a bf16 run: parameters gathered (and gradients reduced) in bf16.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    gathered_bytes = plugin.mixed_precision_policy.param_dtype.itemsize
+    assert plugin.mixed_precision_policy.reduce_dtype.itemsize == gathered_bytes == 2
+    assert result.terms["gathered blocks"] == 2 * count.largest_block * gathered_bytes
+    # The tail unit: the final norm and the output layer of the real model.
+    model = _materialised(untied_llama_dir)
+    tail = sum(p.numel() for m in (model.model.norm, model.lm_head) for p in m.parameters())
+    assert result.terms["gathered output layer"] == tail * gathered_bytes
+    assert result.terms["reduce-scatter buffer"] == count.largest_block * gathered_bytes
+    # fp32 shards of master weights, gradients and AdamW state (not DeepSpeed's 2 + 2 + 12).
+    p = count.parameters
+    assert (result.terms["weights"], result.terms["gradients"], result.terms["optimizer state"]) == \
+        (4 * p // 4, 4 * p // 4, 8 * p // 4)
+    # Blocks compute on bf16 weights: no autocast copies; activations as for a half-precision model.
+    tokens = result.tokens_per_micro_batch
+    one = estimate(job(untied_llama_dir, method="full", precision="bf16"), device="gpu")
+    assert one.terms["activations"] - result.terms["activations"] == (
+        weight_copy_bytes(count, Numerics("autocast"), checkpointing=False)
+        + count.blocks * (block_activation_bytes(count, tokens, 256, Numerics("autocast"))
+                          - block_activation_bytes(count, tokens, 256, Numerics("half"))))
+    fp32 = estimate(job(untied_llama_dir, method="full", precision="fp32", distributed={"strategy": "fsdp"}),
+                    processes=4, device="gpu")
+    assert fp32.terms["gathered blocks"] == 2 * count.largest_block * 4
+
+
+def test_fsdp_keeps_4bit_weights_whole_on_every_process(llama_dir):
+    count = count_model(job(llama_dir, method="qlora"))
+    one = estimate(job(llama_dir, method="qlora"), device="gpu")
+    four = estimate(job(llama_dir, method="qlora", distributed={"strategy": "fsdp"}), processes=4, device="gpu")
+    quantized = int(count.block_linear * (0.5 + 1 / 64 + 4 / 16384))
+    assert four.terms["weights"] == quantized + (one.terms["weights"] - quantized) // 4
+
+
+def zero_section_filled_by_transformers(ds_config: dict, model) -> dict:
+    """transformers' own filling of a DeepSpeed config's "auto" values (HfTrainerDeepSpeedConfig,
+    whose base class needs the deepspeed package: its methods borrowed onto Accelerate's base, which does not)."""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig as Hf
+
+    class Filled(HfDeepSpeedConfig):
+        is_auto, fill_match, fill_only = Hf.is_auto, Hf.fill_match, Hf.fill_only
+        trainer_config_finalize = Hf.trainer_config_finalize
+
+        def __init__(self, config: dict):
+            super().__init__(config)
+            self.mismatches = []
+
+    filled = Filled(ds_config)
+    filled.trainer_config_finalize(TrainingArguments(output_dir="unused", report_to=[]), model, 10)
+    return filled.config["zero_optimization"]
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(2, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_deepspeed_buckets_are_those_training_configures(llama_dir, monkeypatch, stage, precision):
+    import sys
+
+    from dialogtune.config import DistributedConfig
+    from dialogtune.train.distributed import deepspeed_config
+
+    monkeypatch.setitem(sys.modules, "deepspeed", type(sys)("deepspeed"))  # the config needs only its presence
+    zero = zero_section_filled_by_transformers(
+        deepspeed_config(DistributedConfig(strategy="deepspeed", zero_stage=stage)), _materialised(llama_dir))
+    result = _distributed(llama_dir, 4, precision, strategy="deepspeed", zero_stage=stage)
+    element = 2 if precision == "bf16" else 4
+    # overlap_comm: about 4.5 x the reduce and all-gather buckets (DeepSpeed's documented footprint).
+    if stage == 2:
+        expected = int(4.5 * element * (zero["reduce_bucket_size"] + zero["allgather_bucket_size"]))
+    else:
+        expected = int(4.5 * element * zero["reduce_bucket_size"]) + element * zero["stage3_prefetch_bucket_size"]
+    assert result.terms["DeepSpeed buckets"] == expected
+    assert result.terms["DeepSpeed buckets"] < 4.5 * element * 2 * 5e8 / 10  # far below DeepSpeed's defaults
+
+
+def test_setups_training_refuses_are_refused_with_its_message(llama_dir, monkeypatch):
+    from dialogtune.config import DistributedConfig
+    from dialogtune.errors import RunError
+    from dialogtune.train import distributed
+    from dialogtune.train.model import add_lora
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for strategy in ("fsdp", "deepspeed"):
+        with pytest.raises(ConfigError) as trained:
+            distributed.engine_arguments(DistributedConfig(strategy=strategy))
+        with pytest.raises(ConfigError) as estimated:
+            estimate(job(llama_dir, distributed={"strategy": strategy}), processes=4, device="cpu")
+        assert str(estimated.value) == str(trained.value)
+    assert estimate(job(llama_dir), processes=4, device="cpu").distribution.strategy == "ddp"
+    monkeypatch.delenv("WORLD_SIZE")
+
+    config = job(llama_dir, lora={"target_modules": ["q_projj", "v_proj"]})
+    with pytest.raises(RunError) as trained:
+        add_lora(_materialised(llama_dir), config)
+    with pytest.raises(ConfigError) as estimated:
+        estimate(config, device="cpu")
+    assert str(estimated.value) == str(trained.value)
+    assert "lora.target_modules: q_projj not in this model" in str(estimated.value)
+
+    for key, value in (("per_device_train_batch_size", 0), ("gradient_accumulation_steps", -1),
+                       ("per_device_train_batch_size", "4x")):
+        with pytest.raises(ConfigError, match=f"train.{key}: expected a whole number >= 1, got {value!r}"):
+            estimate(job(llama_dir, train={key: value}), device="cpu")
 
 
 def test_cli_prints_the_table_and_json(llama_dir, tmp_path, capsys):

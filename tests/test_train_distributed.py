@@ -215,6 +215,15 @@ def test_deepspeed_zero_config_leaves_batch_and_precision_to_training_arguments(
     stage_two = engine(monkeypatch, 4, strategy="deepspeed", zero_stage=2)["deepspeed"]["zero_optimization"]
     assert stage_two["stage"] == 2 and "offload_param" not in stage_two
     assert "stage3_gather_16bit_weights_on_model_save" not in stage_two
+    # Buckets set, not left at DeepSpeed's 5e8 elements (~9 GB with overlap_comm): "auto" is what
+    # transformers fills from the hidden size; ZeRO-2's all-gather bucket has no "auto".
+    assert zero["overlap_comm"] is True
+    assert {k: zero[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                 "stage3_param_persistence_threshold")} == dict.fromkeys(
+        ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"), "auto")
+    assert "allgather_bucket_size" not in zero
+    assert (stage_two["reduce_bucket_size"], stage_two["allgather_bucket_size"]) == ("auto", 50_000_000)
+    assert "stage3_prefetch_bucket_size" not in stage_two
 
 
 def test_deepspeed_without_the_package_says_how_to_get_it(monkeypatch):

@@ -19,6 +19,9 @@ import torch
 from dialogtune.config import DistributedConfig
 from dialogtune.errors import ConfigError
 
+# ZeRO-2's all-gather bucket, in elements (DeepSpeed's default is 5e8).
+ZERO2_ALLGATHER_BUCKET_SIZE = 50_000_000
+
 # What an Accelerate launcher config sets when it names an engine.
 LAUNCHER_ENGINES = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
 
@@ -102,7 +105,16 @@ def deepspeed_config(config: DistributedConfig) -> dict[str, Any]:
     except ImportError as err:
         raise ConfigError("distributed.strategy: deepspeed needs the deepspeed package (pip install deepspeed,"
                           " on a machine with CUDA and its compiler)") from err
-    zero: dict[str, Any] = {"stage": config.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    # Explicit buckets: DeepSpeed's default (5e8 elements) with overlap_comm holds about 4.5x
+    # the buckets (up to ~9 GB). "auto" is filled by transformers from the model's hidden size h
+    # (reduce h*h, stage-3 prefetch 0.9*h*h, stage-3 persistence threshold 10*h); ZeRO-2's
+    # all-gather bucket has no "auto" and is fixed here.
+    zero: dict[str, Any] = {"stage": config.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": "auto"}
+    if config.zero_stage == 2:
+        zero["allgather_bucket_size"] = ZERO2_ALLGATHER_BUCKET_SIZE
+    else:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
     if config.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if config.zero_stage == 3:
