@@ -11,6 +11,10 @@ their max_new_tokens, their time limit, or their cancel event). Each row keeps i
 settings and its own random generator, and its text goes through the same `ReplyText` as the
 one-at-a-time path (dialogtune.infer), so a reply is written and cut exactly as it would be there.
 
+What fails, fails alone: a prompt that cannot be read, or a row whose `on_text` raises, fails that
+request only; only an error in the shared decoding step fails the rows decoded in it. Work per
+step does not grow with the context: a row's stop check reads the last few tokens it needs.
+
 What is guaranteed: a greedy reply is the one `Conversation.respond` gives the same prompt alone,
 token for token, up to floating-point rounding (a batched matrix product may round differently
 from a single row's; exact on tiny models in tests/test_batching.py, and for SmolLM2-135M in all
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import secrets
 import threading
 import time
 from collections import deque
@@ -89,13 +94,23 @@ class Row:
     new: list[int] = field(default_factory=list)
     deadline: float = float("inf")
     stop_criteria: Callable | None = None  # set when it joins: built once per set of stops, in seconds
+    stop_window: int | None = None  # the last tokens the stop check reads (None: all of them)
+
+    def tail(self, n: int | None) -> torch.Tensor:
+        """The last `n` tokens of prompt and reply (all when None), as generate's ids [1, n]: built
+        from the tail alone, so each step costs the same however long the context is."""
+        if n is None:
+            return torch.tensor([self.prompt + self.new])
+        if len(self.new) >= n:
+            return torch.tensor([self.new[len(self.new) - n:]])
+        return torch.tensor([self.prompt[max(0, len(self.prompt) - n + len(self.new)):] + self.new])
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from this row's float32 logits [1, vocab], as `generate` picks it."""
         if self.generator is None:
             return int(torch.argmax(logits, dim=-1))
-        ids = torch.tensor([self.prompt + self.new], device=logits.device)
-        probs = torch.nn.functional.softmax(self.warpers(ids, logits), dim=-1)
+        # The warpers warpers_for allows (temperature, top-k, top-p) never read the ids: the last one will do.
+        probs = torch.nn.functional.softmax(self.warpers(self.tail(1).to(logits.device), logits), dim=-1)
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
 
     def accept(self, token: int, end_ids: set[int]) -> bool:
@@ -106,7 +121,7 @@ class Row:
             return True
         if self.cancel.is_set() or self.future.cancelled() or time.monotonic() > self.deadline:
             return True
-        return bool(self.stop_criteria(torch.tensor([self.prompt + self.new]), None).any())
+        return bool(self.stop_criteria(self.tail(self.stop_window), None).any())
 
     def finish(self) -> None:
         """End the stream and hand the reply to whoever waits (unless they gave up on it)."""
@@ -118,6 +133,14 @@ class Row:
     def fail(self, err: Exception) -> None:
         with contextlib.suppress(InvalidStateError):
             self.future.set_exception(err)
+
+
+def window_of(criteria) -> int | None:
+    """How many of the last tokens a list of stopping criteria reads: a StopStringCriteria reads
+    only its `maximum_token_len` last ones (one token per character of its longest stop string);
+    None (all) when a criterion does not say."""
+    windows = [getattr(criterion, "maximum_token_len", None) for criterion in criteria]
+    return None if None in windows else max(windows, default=1)
 
 
 class BatchEngine:
@@ -143,7 +166,9 @@ class BatchEngine:
         self.closed = False
         self.steps = 0  # batched decoding steps so far
         self.stepped_rows = 0  # rows decoded over those steps (over steps: the mean batch size)
-        self.joined_at: list[int] = []  # the decoding step at which each prompt was read, in order
+        self.joined = 0  # prompts read so far
+        self.join_steps = 0  # distinct decoding steps at which prompts were read
+        self._last_join_step = -1
         self.thread = threading.Thread(target=self._loop, name="batch-decode", daemon=True)
         self.thread.start()
 
@@ -158,7 +183,9 @@ class BatchEngine:
         warpers = warpers_for(sampling)
         generator = None
         if sampling.temperature > 0:
-            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()))
+            # Unseeded: a seed of its own, never drawn from torch's global generator (which others
+            # reseed, and which would make a reseeded process repeat its "random" replies).
+            seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
             generator = torch.Generator(device=self.chat.model.device).manual_seed(seed)
         row = Row(prompt=list(prompt), sampling=sampling, stops=stops, text=ReplyText(self.chat, stops, on_text),
                   warpers=warpers, generator=generator,
@@ -186,16 +213,14 @@ class BatchEngine:
                 if self.closed:
                     break
                 joining = [self.pending.popleft() for _ in range(min(len(self.pending), self.max_batch - len(self.rows)))]
-            try:
-                with torch.no_grad():
-                    for row in joining:
+            with torch.no_grad():
+                for row in joining:
+                    try:
                         self._join(row)
-                    if self.rows:
-                        self._step()
-            except Exception as err:  # noqa: BLE001  a failed step fails its rows, never the engine
-                for row in [*joining, *self.rows]:
-                    row.fail(err)
-                self.rows, self.cache, self.mask = [], None, None
+                    except Exception as err:  # noqa: BLE001  its prompt, or its on_text: that request alone
+                        row.fail(err)
+                if self.rows:
+                    self._step()
         for row in [*self.pending, *self.rows]:
             row.fail(RuntimeError("the batching engine was closed"))
 
@@ -212,7 +237,10 @@ class BatchEngine:
             return
         device = self.chat.model.device
         row.stop_criteria = self.chat.stopping_criteria(row.stops)  # on this thread: the first scans the vocabulary
-        self.joined_at.append(self.steps)
+        row.stop_window = window_of(row.stop_criteria)
+        self.joined += 1
+        if self._last_join_step != self.steps:
+            self.join_steps, self._last_join_step = self.join_steps + 1, self.steps
         if row.max_time is not None:
             row.deadline = time.monotonic() + row.max_time
         ids = torch.tensor([row.prompt], device=device)
@@ -226,6 +254,7 @@ class BatchEngine:
         self._merge(row, cache)
 
     def _merge(self, row: Row, cache: DynamicCache) -> None:
+        """Add the row's cache to the batch's; the batch changes only once all of it is built."""
         mask = torch.ones((1, len(row.prompt)), dtype=torch.long, device=cache.layers[0].keys.device)
         if self.cache is None:
             self.cache, self.mask, self.rows = cache, mask, [row]
@@ -240,38 +269,55 @@ class BatchEngine:
             shape[dim] = missing
             return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-        self.cache = DynamicCache(ddp_cache_data=[
+        merged = DynamicCache(ddp_cache_data=[
             (torch.cat([left_pad(k, 2), left_pad(k_new, 2)]), torch.cat([left_pad(v, 2), left_pad(v_new, 2)]))
             for (k, v, _), (k_new, v_new, _) in zip(self.cache, cache, strict=True)])
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)])
-        self.rows.append(row)
+        merged_mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)])
+        self.cache, self.mask, self.rows = merged, merged_mask, [*self.rows, row]
 
     def _step(self) -> None:
-        """One token for every row; finished rows leave the batch."""
-        device = self.mask.device
-        last = torch.tensor([[row.new[-1]] for row in self.rows], device=device)
-        positions = self.mask.sum(dim=1, keepdim=True)  # each row's next position: its real tokens so far
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = self._forward(last, self.mask, positions, self.cache)
+        """One token for every row; finished rows (and rows whose own handling failed) leave the
+        batch. A failure of the shared forward pass fails every row in it: their cache is lost."""
+        try:
+            device = self.mask.device
+            last = torch.tensor([[row.new[-1]] for row in self.rows], device=device)
+            positions = self.mask.sum(dim=1, keepdim=True)  # each row's next position: its real tokens so far
+            mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+            logits = self._forward(last, mask, positions, self.cache)
+        except Exception as err:  # noqa: BLE001  a failed step fails its rows, never the engine
+            self._fail_all(err)
+            return
+        self.mask = mask
         self.steps += 1
         self.stepped_rows += len(self.rows)
         keep = []
         for i, row in enumerate(self.rows):
-            if row.accept(row.pick(logits[i : i + 1]), self.end_ids):
-                row.finish()
-            else:
-                keep.append(i)
+            try:
+                if row.accept(row.pick(logits[i : i + 1]), self.end_ids):
+                    row.finish()
+                else:
+                    keep.append(i)
+            except Exception as err:  # noqa: BLE001  its on_text (or its sampling): this row alone
+                row.fail(err)
         if len(keep) < len(self.rows):
-            self._keep_rows(keep)
+            try:
+                self._keep_rows(keep)
+            except Exception as err:  # noqa: BLE001
+                self._fail_all(err, [self.rows[i] for i in keep])
+
+    def _fail_all(self, err: Exception, rows: list[Row] | None = None) -> None:
+        for row in self.rows if rows is None else rows:
+            row.fail(err)
+        self.rows, self.cache, self.mask = [], None, None
 
     def _keep_rows(self, keep: list[int]) -> None:
+        """Only rows `keep` stay; the batch changes only once all of it is built."""
         if not keep:
             self.rows, self.cache, self.mask = [], None, None
             return
-        self.rows = [self.rows[i] for i in keep]
         index = torch.tensor(keep, device=self.mask.device)
-        self.mask = self.mask[index]
+        mask = self.mask[index]
         # Columns that are padding in every row left with the longest rows: drop them.
-        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
-        self.mask = self.mask[:, unused:]
-        self.cache = DynamicCache(ddp_cache_data=[(k[index, :, unused:], v[index, :, unused:]) for k, v, _ in self.cache])
+        unused = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
+        cache = DynamicCache(ddp_cache_data=[(k[index, :, unused:], v[index, :, unused:]) for k, v, _ in self.cache])
+        self.rows, self.mask, self.cache = [self.rows[i] for i in keep], mask[:, unused:], cache

@@ -13,14 +13,18 @@ chat page). A message's `content` is a string or a list of text parts. Prompts a
 with the run's training template. Chat replies from a causal LM are generated together, up to
 `--max-batch` at a time (dialogtune.batching: requests join and leave the batch between decoding
 steps); up to `--queue` more wait, beyond that a request gets a 503. `--max-batch 1` generates one
-reply at a time, as encoder-decoders always do. Binds to 127.0.0.1 unless told otherwise. A run
-trained on the understand task is served as a function-calling model: requests carry OpenAI
-`tools` and `tool_choice` and are answered with `tool_calls` (dialogtune.serve_tools). A memory
-run (`task: memory`) keeps one memory per request `user`, on disk under `--memory-dir`
-(dialogtune.serve_memory: which of a request's messages are read, and when a new session
-starts). A plain chat model served with `--memory-dir` keeps one summary memory per request
-`user` there (dialogtune.serve_summary). Function calling, memory runs and summary memories
-answer one request at a time.
+reply at a time, as encoder-decoders always do. With `stream_options: {"include_usage": true}` every
+chunk carries `"usage": null` and a last one the token counts, as OpenAI's streams do (all of them:
+chat, tool calls, memories); `stream_options` without `stream: true` is a 400, as there. Binds to
+127.0.0.1 unless told otherwise. A run trained on the understand task is served as a
+function-calling model: requests carry OpenAI `tools` and `tool_choice` and are answered with
+`tool_calls` (dialogtune.serve_tools). A memory run (`task: memory`) keeps one memory per
+request `user`, on disk under `--memory-dir` (dialogtune.serve_memory: which of a request's
+messages are read, and when a new session starts). A plain chat model served with `--memory-dir`
+keeps one summary memory per request `user` there (dialogtune.serve_summary). Function calling,
+memory runs and summary memories answer one request at a time; with summary memories on, so does
+every request (a batch beside them would share the model, its stop-string state and torch's
+generator across two threads, and the queue would no longer bound theirs).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk carries the token counts
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk carries the token counts (stream only)
     user: str | None = None  # a memory run (or a plain model served with --memory-dir) keeps one memory per user
 
 
@@ -137,8 +141,45 @@ class Generator:
 
 
 def usage_of(reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.new_tokens,
-            "total_tokens": reply.prompt_tokens + reply.new_tokens}
+    return counts(reply.prompt_tokens, reply.new_tokens)
+
+
+def counts(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def include_usage(stream: bool, options: Any) -> bool:
+    """Whether a stream ends with a usage chunk (`stream_options: {"include_usage": true}`);
+    `stream_options` without `stream: true` is refused, as OpenAI refuses it."""
+    if options is None:
+        return False
+    if not stream:
+        raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       param="stream_options")
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options: expected an object such as {{\"include_usage\": true}}, got {options!r}",
+                       param="stream_options")
+    return bool(options.get("include_usage"))
+
+
+class Chunks:
+    """A completion's stream chunks, as OpenAI writes them: with `include_usage`, every chunk
+    carries `"usage": null` and a last chunk, without choices, the token counts."""
+
+    def __init__(self, completion_id: str, created: int, model_id: str, usage: bool):
+        self.head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id}
+        self.usage = usage
+
+    def delta(self, delta: dict, finish: str | None = None) -> str:
+        tail = {"usage": None} if self.usage else {}
+        return json.dumps({**self.head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **tail})
+
+    def counted(self, prompt_tokens: int, completion_tokens: int) -> list[str]:
+        """The usage chunk when it was asked for (else nothing)."""
+        if not self.usage:
+            return []
+        return [json.dumps({**self.head, "choices": [], "usage": counts(prompt_tokens, completion_tokens)})]
 
 
 def sampling_of(request: CompletionRequest, max_tokens: int) -> Sampling:
@@ -247,8 +288,11 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
     caller = ToolCaller(model) if isinstance(model, Understander) else None
     memory = MemoryReplier(model, memory_dir or default_memory_dir(model)) if isinstance(model, MemoryRun) else None
     chat = model.chat if isinstance(model, Understander) else None if memory else model
-    generator = Generator(chat, queue_size, timeout, max_batch if caller is None and memory is None else 1)
     summaries = SummaryReplier(chat, memory_dir) if memory_dir is not None and caller is None and memory is None else None
+    # Tool calls, memories and summary memories run on the generator's one thread; a batch beside
+    # them would run the same model on a second thread: with any of them, one reply at a time.
+    batched = caller is None and memory is None and summaries is None
+    generator = Generator(chat, queue_size, timeout, max_batch if batched else 1)
     page = resources.files("dialogtune.web").joinpath("index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
@@ -291,6 +335,7 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
         if caller is not None:
             return await tool_completion(validated(ToolCompletionRequest, data))
         body = validated(CompletionRequest, data)
+        include_usage(body.stream, body.stream_options)  # refused before anything is generated
         if memory is not None:
             return await memory_completion(body)
         if summaries is not None and body.user:
@@ -312,10 +357,7 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
                     "usage": usage_of(reply)}
 
         pieces: asyncio.Queue = asyncio.Queue()
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                               "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        chunks = Chunks(completion_id, created, model_id, include_usage(body.stream, body.stream_options))
 
         def ended(future: Future) -> None:  # the reply, or its error: reported in the stream, never raised
             loop.call_soon_threadsafe(pieces.put_nowait, future.exception() or future.result())
@@ -325,7 +367,7 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
 
         async def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                yield chunks.delta({"role": "assistant", "content": ""})
                 first = True
                 while True:
                     item = await pieces.get()
@@ -333,16 +375,14 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
                         text = item.lstrip() if first else item
                         if text:
                             first = False
-                            yield chunk({"content": text})
+                            yield chunks.delta({"content": text})
                     elif isinstance(item, Exception):
                         yield json.dumps(ApiError(500, str(item), "server_error").body())
                         break
                     else:
-                        yield chunk({}, "stop" if item.stopped else "length")
-                        if (body.stream_options or {}).get("include_usage"):  # as OpenAI: no choices, the usage
-                            yield json.dumps({"id": completion_id, "object": "chat.completion.chunk",
-                                              "created": created, "model": model_id, "choices": [],
-                                              "usage": usage_of(item)})
+                        yield chunks.delta({}, "stop" if item.stopped else "length")
+                        for counted in chunks.counted(item.prompt_tokens, item.new_tokens):
+                            yield counted
                         break
                 yield "[DONE]"
             finally:  # also when sse-starlette cancels this on a disconnect: the reply is no longer wanted
@@ -389,20 +429,22 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": reply.finish}],
-                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                              "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
+                    "usage": counts(reply.prompt_tokens, reply.completion_tokens)}
+        chunks = Chunks(completion_id, created, model_id, include_usage(body.stream, body.stream_options))
 
         async def events():  # generated whole: streamed as one piece
             for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": reply.text}, None),
                                   ({}, reply.finish)):
-                yield json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                  "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                yield chunks.delta(delta, finish)
+            for counted in chunks.counted(reply.prompt_tokens, reply.completion_tokens):
+                yield counted
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=PING_SECONDS)
 
     async def tool_completion(body: ToolCompletionRequest):
         check_model(body.model, model_id)
+        usage = include_usage(body.stream, (body.model_extra or {}).get("stream_options"))
         try:
             plan = caller.plan(body)
         except ToolRequestError as err:
@@ -428,8 +470,8 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
             message, finish = message_of(answer, call_id)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                              "total_tokens": answer.prompt_tokens + answer.completion_tokens}}
+                    "usage": counts(answer.prompt_tokens, answer.completion_tokens)}
+        chunks = Chunks(completion_id, created, model_id, usage)
 
         async def events():
             try:
@@ -442,9 +484,9 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
                     yield json.dumps(ApiError(504 if kind == "timeout" else 500, str(err), kind).body())
                 else:
                     for delta, finish in stream_deltas(answer, call_id):
-                        yield json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_id,
-                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                        yield chunks.delta(delta, finish)
+                    for counted in chunks.counted(answer.prompt_tokens, answer.completion_tokens):
+                        yield counted
                 yield "[DONE]"
             finally:  # also when sse-starlette cancels this on a disconnect: the answer is no longer wanted
                 client_gone.set()

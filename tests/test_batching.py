@@ -7,6 +7,9 @@ import dataclasses
 import threading
 
 import pytest
+import torch
+from transformers import StopStringCriteria
+from transformers.generation.logits_process import TopPLogitsWarper
 
 from dialogtune.batching import BatchEngine, batchable, warpers_for
 from dialogtune.infer import Conversation, Sampling, load_chat_model
@@ -71,7 +74,7 @@ def test_greedy_replies_equal_one_at_a_time_as_requests_join_and_leave_at_differ
         engine.close()
     assert [fields(r) for r in replies] == [fields(e) for e in expected]
     assert engine.steps > 0 and engine.stepped_rows / engine.steps > 1.5  # really batched
-    assert len(set(engine.joined_at)) == len(QUESTIONS)  # each joined at a step of its own
+    assert (engine.joined, engine.join_steps) == (len(QUESTIONS), len(QUESTIONS))  # each at a step of its own
 
 
 def test_joins_at_different_steps_with_a_full_batch_and_a_queue(chat):
@@ -85,7 +88,8 @@ def test_joins_at_different_steps_with_a_full_batch_and_a_queue(chat):
     finally:
         engine.close()
     assert [fields(r) for r in replies] == [fields(e) for e in expected]
-    assert engine.joined_at[:2] == [0, 0] and len(set(engine.joined_at[2:])) == 4  # joined at 4 other steps
+    # Two read before the first step, then one at each of 4 other steps, as a row left.
+    assert (engine.joined, engine.join_steps) == (6, 5)
 
 
 def test_stop_strings_and_end_tokens_cut_the_reply_as_one_at_a_time(chat):
@@ -183,3 +187,120 @@ def test_warpers_are_generates_own_for_the_same_settings():
     assert list(warpers_for(Sampling(temperature=0))) == []
     assert [type(w).__name__ for w in warpers_for(Sampling(temperature=1.0, top_k=50, top_p=1.0))] == [
         "TopKLogitsWarper"]
+
+
+def test_a_prompt_that_cannot_be_read_fails_only_its_own_request(chat):
+    lengths = [12, 20, 6]
+    expected = [alone(chat, q, greedy(n)) for q, n in zip(QUESTIONS[:3], lengths, strict=True)]
+    engine = BatchEngine(chat, max_batch=4)
+    try:
+        with engine.wake:  # all read in the same round, the bad one between the others
+            first = submit(engine, QUESTIONS[0], greedy(lengths[0]))
+            bad = engine.submit([chat.model.config.vocab_size + 5], greedy(5), chat.stops_for(None))
+            rest = [submit(engine, q, greedy(n)) for q, n in zip(QUESTIONS[1:3], lengths[1:], strict=True)]
+        replies = [f.result(timeout=60) for f in [first, *rest]]
+        with pytest.raises(IndexError):  # a token id beyond the vocabulary: its embedding cannot be read
+            bad.result(timeout=60)
+    finally:
+        engine.close()
+    assert [fields(r) for r in replies] == [fields(e) for e in expected]
+
+
+@pytest.mark.parametrize("raise_at", [1, 3])  # the first piece (possibly as its prompt is read) or a later step
+def test_an_on_text_that_raises_fails_only_its_own_reply(chat, raise_at):
+    expected = [alone(chat, q, greedy(25)) for q in QUESTIONS[:3]]
+    shown: list[str] = []
+
+    def failing(piece: str) -> None:
+        shown.append(piece)
+        if len(shown) == raise_at:
+            raise ConnectionError("the client went away")
+
+    engine = BatchEngine(chat, max_batch=4)
+    try:
+        with engine.wake:
+            futures = [submit(engine, q, greedy(25), on_text=failing if i == 1 else None)
+                       for i, q in enumerate(QUESTIONS[:3])]
+        with pytest.raises(ConnectionError, match="the client went away"):
+            futures[1].result(timeout=60)
+        replies = [futures[0].result(timeout=60), futures[2].result(timeout=60)]
+        after = submit(engine, QUESTIONS[1], greedy(25)).result(timeout=60)  # the engine goes on
+    finally:
+        engine.close()
+    assert len(shown) == raise_at  # nothing more was shown to a failed reply
+    assert [fields(r) for r in replies] == [fields(expected[0]), fields(expected[2])]
+    assert fields(after) == fields(expected[1])
+
+
+def test_a_failed_decoding_step_fails_the_rows_in_it_and_the_engine_goes_on(chat):
+    engine = BatchEngine(chat, max_batch=4)
+    forward, failed = engine._forward, []
+
+    def failing_once(input_ids, *args):
+        if input_ids.shape[1] == 1 and not failed:  # a decoding step (a prompt is read whole)
+            failed.append(input_ids.shape[0])
+            raise RuntimeError("out of memory")
+        return forward(input_ids, *args)
+
+    engine._forward = failing_once
+    try:
+        with engine.wake:
+            futures = [submit(engine, q, greedy(10)) for q in QUESTIONS[:2]]
+        for future in futures:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                future.result(timeout=60)
+        after = submit(engine, QUESTIONS[2], greedy(10)).result(timeout=60)
+    finally:
+        engine.close()
+    assert failed == [2]  # the step both rows were decoded in
+    assert fields(after) == fields(alone(chat, QUESTIONS[2], greedy(10)))
+
+
+def test_each_step_reads_only_the_last_tokens_the_stop_check_needs(chat, monkeypatch):
+    """The stop check reads `maximum_token_len` tokens and the warpers none: a step's work does not
+    grow with the context, and the replies stay the one-at-a-time ones."""
+    greedy_alone = alone(chat, QUESTIONS[3], greedy(30))
+    sampled = Sampling(temperature=0.8, top_k=0, top_p=0.9, max_new_tokens=30, seed=5)
+    sampled_alone = alone(chat, QUESTIONS[3], sampled)
+    stop_widths, warper_widths, windows = [], [], set()
+    stop_call, warper_call = StopStringCriteria.__call__, TopPLogitsWarper.__call__
+
+    def stop_recorded(self, input_ids, scores, **kwargs):
+        stop_widths.append(input_ids.shape[1])
+        windows.add(self.maximum_token_len)
+        return stop_call(self, input_ids, scores, **kwargs)
+
+    def warper_recorded(self, input_ids, scores):
+        warper_widths.append(input_ids.shape[1])
+        return warper_call(self, input_ids, scores)
+
+    monkeypatch.setattr(StopStringCriteria, "__call__", stop_recorded)
+    monkeypatch.setattr(TopPLogitsWarper, "__call__", warper_recorded)
+    engine = BatchEngine(chat, max_batch=4)
+    try:
+        with engine.wake:
+            futures = [submit(engine, QUESTIONS[3], greedy(30)), submit(engine, QUESTIONS[3], sampled)]
+        replies = [f.result(timeout=60) for f in futures]
+    finally:
+        engine.close()
+    assert [fields(r) for r in replies] == [fields(greedy_alone), fields(sampled_alone)]
+    (window,) = windows
+    assert greedy_alone.prompt_tokens > window  # else the whole context would be the window anyway
+    assert len(stop_widths) >= greedy_alone.new_tokens - 1  # each token but one that ended the reply anyway
+    assert set(stop_widths) == {window}
+    assert warper_widths == [1] * sampled_alone.new_tokens
+
+
+def test_an_unseeded_reply_never_touches_torchs_global_generator(chat):
+    unseeded = Sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=20)
+    engine = BatchEngine(chat)
+    try:
+        replies = []
+        for _ in range(2):
+            torch.manual_seed(0)  # as the one-at-a-time path does for a seeded request
+            state = torch.get_rng_state()
+            replies.append(submit(engine, QUESTIONS[2], unseeded).result(timeout=60).raw)
+            assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        engine.close()
+    assert replies[0] != replies[1]  # its seed is its own: a reseeded process does not repeat it

@@ -95,6 +95,37 @@ def test_openai_client_plain_and_streaming_agree(server):
     assert counted[-1].choices == [] and counted[-1].usage == plain.usage  # the last chunk counts the tokens
 
 
+def sse_chunks(response: httpx.Response) -> list[dict]:
+    """A stream's JSON chunks, as sent (the openai client reads a missing `usage` as None too)."""
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def assert_usage_as_openai(url: str, body: dict) -> dict:
+    """Streamed with include_usage: every chunk carries "usage": null but the last, which has no
+    choices and the counts; without it no chunk has the key. Returns the usage."""
+    counted = sse_chunks(httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        **body, "stream": True, "stream_options": {"include_usage": True}}))
+    assert all("usage" in c and c["usage"] is None and c["choices"] for c in counted[:-1])
+    assert counted[-1]["choices"] == [] and counted[-1]["usage"]["completion_tokens"] > 0
+    uncounted = sse_chunks(httpx.post(f"{url}/v1/chat/completions", timeout=60, json={**body, "stream": True}))
+    assert all("usage" not in c for c in uncounted) and len(uncounted) == len(counted) - 1
+    refused = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                         json={**body, "stream_options": {"include_usage": True}})
+    assert refused.status_code == 400 and refused.json()["error"] == {
+        "message": "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        "type": "invalid_request_error", "param": "stream_options", "code": None}
+    return counted[-1]["usage"]
+
+
+def test_streamed_usage_is_null_on_every_chunk_but_the_last_as_openai(server):
+    body = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 8}
+    usage = assert_usage_as_openai(server, body)
+    plain = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert usage == plain["usage"]
+
+
 def test_a_developer_message_is_the_system_prompt(server):
     def prompt_tokens(messages: list[dict]) -> int:
         answer = client(server).chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=2)
@@ -193,7 +224,8 @@ def test_a_client_that_disconnects_stops_its_generation(server, one_at_a_time_se
 # --- continuous batching: concurrent chat requests generated together ---------------------------
 
 @contextlib.contextmanager
-def slow_server(tiny_model_dir, max_batch: int, queue_size: int, seconds_per_step: float = 0.02):
+def slow_server(tiny_model_dir, max_batch: int, queue_size: int, seconds_per_step: float = 0.02,
+                memory_dir=None):
     """A server for the untrained tiny model (its greedy replies run to max_tokens), each forward
     pass made `seconds_per_step` slower, so replies are still running when the next request comes."""
     chat = load_chat_model(str(tiny_model_dir))
@@ -205,7 +237,7 @@ def slow_server(tiny_model_dir, max_batch: int, queue_size: int, seconds_per_ste
 
     chat.model.forward = slow  # `generate` and the batching engine both call the model through it
     url, handle, thread = start_server(create_app(chat, "slow", queue_size=queue_size, timeout=60,
-                                                  max_batch=max_batch))
+                                                  max_batch=max_batch, memory_dir=memory_dir))
     try:
         yield url
     finally:
@@ -292,12 +324,32 @@ def test_a_cancelled_stream_frees_its_slot_for_the_next_request(tiny_model_dir):
         assert not kept.is_stream_consumed  # the other stream is still being written
 
 
-def test_the_max_batch_option_reaches_the_server(tiny_run):
-    from dialogtune.errors import ConfigError
-    from dialogtune.serve import run_serve
+def test_with_summary_memories_every_request_is_answered_one_at_a_time(tiny_model_dir, tmp_path):
+    """Summary memories run on the one generating thread: plain requests are not batched beside
+    them, and the queue bounds both (`--max-batch 3 --queue 0`: one at a time, nothing waits)."""
+    body = {"model": "slow", "messages": HELLO, "temperature": 0, "max_tokens": 150, "stream": True}
+    with slow_server(tiny_model_dir, max_batch=3, queue_size=0, memory_dir=tmp_path / "memories") as url, \
+            httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as running:
+        assert running.status_code == 200
+        for user in ({}, {"user": "alice"}):  # a plain request, a summary-memory one: neither joins it
+            refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False, **user}, timeout=60)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["message"] == "server busy: 1 requests ahead; retry later"
 
+
+def test_the_max_batch_option_reaches_the_server(tiny_run, monkeypatch):
+    from dialogtune import cli, serve
+    from dialogtune.errors import ConfigError
+
+    served: list[dict] = []
+    monkeypatch.setattr(serve, "run_serve", lambda model, **options: served.append({"model": model, **options}) or 0)
+    assert cli.main(["serve", str(tiny_run), "--max-batch", "5", "--queue", "3"]) == 0
+    assert cli.main(["serve", str(tiny_run)]) == 0
+    assert [(s["model"], s["max_batch"], s["queue_size"]) for s in served] == [(str(tiny_run), 5, 3),
+                                                                             (str(tiny_run), 16, 8)]
+    monkeypatch.undo()  # the real one refuses a batch of none, before loading anything
     with pytest.raises(ConfigError, match=r"--max-batch must be at least 1 \(1: one reply at a time\), got 0"):
-        run_serve(str(tiny_run), max_batch=0)
+        serve.run_serve(**{**served[0], "max_batch": 0})
 
 
 def test_chat_page_in_headless_chromium(server, tmp_path):
@@ -617,6 +669,12 @@ def test_an_understand_run_keeps_the_api_key_the_timeout_and_the_queue(understan
     assert httpx.get(f"{tool_server}/health").json()["waiting"] == 0
 
 
+def test_a_tool_stream_counts_its_usage_as_openai(tool_server, understander):
+    body = {"model": "tiny-understand", "messages": BOOK, "tools": sgd_tools(understander), "tool_choice": "required"}
+    usage = assert_usage_as_openai(tool_server, body)
+    assert usage == httpx.post(f"{tool_server}/v1/chat/completions", json=body, timeout=60).json()["usage"]
+
+
 def test_serve_tells_an_understand_run_from_a_chat_run(tiny_understand_run, tiny_run):
     from dialogtune.errors import ConfigError
     from dialogtune.serve import is_understand_run, run_serve
@@ -763,3 +821,10 @@ def test_memory_dir_is_refused_for_an_understand_run(tiny_understand_run, tmp_pa
     # (a plain chat model keeps summary memories there: tests/test_serve_summary.py)
     with pytest.raises(ConfigError, match="--memory-dir is for chat models and memory runs; .* serve it without"):
         run_serve(str(tiny_understand_run / "run"), memory_dir=str(tmp_path))
+
+
+def test_a_memory_stream_counts_its_usage_as_openai(memory_run, tmp_path):
+    with memory_server(memory_run, tmp_path / "memories") as url:
+        body = {**SAMPLED, "messages": [{"role": "user", "content": BOB[0]}]}
+        usage = assert_usage_as_openai(url, body)
+        assert usage == httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["usage"]
