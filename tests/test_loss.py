@@ -26,17 +26,21 @@ def packed_batch():
     return CausalCollator(pad_token_id=0)(rows)
 
 
-def test_trained_loss_and_gradients_equal_full_logits():
+# The fused loss against the standard computation; the loss through the model's forward (used
+# under DDP/FSDP/DeepSpeed) against the fused one.
+@pytest.mark.parametrize(("computed", "reference"), [(trained_loss, full_logits_loss), (forward_loss, trained_loss)],
+                         ids=["fused", "through-forward"])
+def test_losses_and_gradients_equal_the_reference(computed, reference):
     model = tiny_llama()
     batch = packed_batch()
-    loss, count = trained_loss(model, batch)
+    loss, count = computed(model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    reference, reference_count = full_logits_loss(model, batch)
-    reference.backward()
-    assert int(count) == int(reference_count) == 5
-    assert abs(loss.item() - reference.item()) < 1e-5
+    expected, expected_count = reference(model, batch)
+    expected.backward()
+    assert int(count) == int(expected_count) == 5
+    assert abs(loss.item() - expected.item()) < 1e-5
     for name, param in model.named_parameters():
         assert torch.allclose(grads[name], param.grad, atol=1e-6), name
 
@@ -49,21 +53,6 @@ def test_lora_model_uses_the_same_path():
     loss, _ = trained_loss(model, batch)
     reference, _ = full_logits_loss(model, batch)
     assert abs(loss.item() - reference.item()) < 1e-5
-
-
-def test_the_loss_through_the_forward_equals_the_fused_one_in_value_and_gradients():
-    model = tiny_llama()
-    batch = packed_batch()
-    loss, count = forward_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    fused, fused_count = trained_loss(model, batch)
-    fused.backward()
-    assert int(count) == int(fused_count) == 5
-    assert abs(loss.item() - fused.item()) < 1e-5
-    for name, param in model.named_parameters():
-        assert torch.allclose(grads[name], param.grad, atol=1e-6), name
 
 
 class Wrapper(torch.nn.Module):
