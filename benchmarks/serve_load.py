@@ -207,13 +207,13 @@ def markdown(runs: dict) -> str:
     any_run = next(iter(runs.values()))
     md = (f"# `dialogtune serve` under load: {any_run['model']}, {any_run['cpu']}\n\n"
           f"Each user sends {any_run['requests_per_user']} streamed greedy requests one after another (max_tokens"
-          f" {any_run['max_tokens']}, no retry on a 503); queue 8. Latencies are of answered requests. The"
-          " machine's cores are shared with other work: `load avg` is the 1-minute load after each level (2.0 = both"
-          " cores busy); a higher load slows both servers.\n\n"
-          "`default` is the server as it runs out of the box. With the cores busy, torch's OpenMP worker threads"
-          " spin while they wait, and the one-at-a-time server (generation on an executor thread) loses most of its"
-          " speed to that even for a single user; `OMP_WAIT_POLICY=PASSIVE` (set in both servers' environment) makes"
-          " waiting threads sleep, so its rows compare batching alone.\n")
+          f" {any_run['max_tokens']}, no retry on a 503); queue 8. Latencies are of answered requests. `load avg`"
+          " is the machine's 1-minute load after each level (2.0 = both cores busy): other work on the cores slows"
+          " both servers.\n\n"
+          "`default` is the server as it runs out of the box; `OMP_WAIT_POLICY=PASSIVE` (set in both servers'"
+          " environment) makes torch's waiting OpenMP threads sleep instead of spin. When other jobs keep the cores"
+          " busy, the spinning costs the one-at-a-time server (generation on an executor thread) most of its speed;"
+          " on a quiet machine PASSIVE changes little for it and slows batching.\n")
     for setting, run in runs.items():
         goal = run["goal_at_16_users"]
         verdict = "no 16-user level run" if goal is None else (
