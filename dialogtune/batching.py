@@ -49,6 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from dialogtune.infer import ChatModel, ReplyText, Sampling
+from dialogtune.loss import core_model
 
 
 def batchable(chat: ChatModel) -> bool:
@@ -105,12 +106,13 @@ class Row:
             return torch.tensor([self.new[len(self.new) - n:]])
         return torch.tensor([self.prompt[max(0, len(self.prompt) - n + len(self.new)):] + self.new])
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """The next token from this row's float32 logits [1, vocab], as `generate` picks it."""
+    def pick(self, logits: torch.Tensor, last: torch.Tensor) -> int:
+        """The next token from this row's float32 logits [1, vocab], as `generate` picks it; `last`:
+        its last token [1, 1], on the logits' device."""
         if self.generator is None:
             return int(torch.argmax(logits, dim=-1))
         # The warpers warpers_for allows (temperature, top-k, top-p) never read the ids: the last one will do.
-        probs = torch.nn.functional.softmax(self.warpers(self.tail(1).to(logits.device), logits), dim=-1)
+        probs = torch.nn.functional.softmax(self.warpers(last, logits), dim=-1)
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
 
     def accept(self, token: int, end_ids: set[int]) -> bool:
@@ -153,7 +155,7 @@ class BatchEngine:
             raise ValueError(f"{chat.name} cannot be batched (an encoder-decoder or a sliding-window cache)")
         self.chat = chat
         self.max_batch = max_batch
-        model = chat.model.get_base_model() if hasattr(chat.model, "get_base_model") else chat.model
+        model = core_model(chat.model)
         eos = model.generation_config.eos_token_id  # what `generate` stops at
         self.end_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else chat.end_token_ids()
         # As `generate`: only the last position's logits (the rest are never read).
@@ -248,7 +250,7 @@ class BatchEngine:
         cache = DynamicCache(config=self.chat.model.config)
         positions = torch.arange(len(row.prompt), device=device)[None]
         logits = self._forward(ids, torch.ones_like(ids), positions, cache)
-        if row.accept(row.pick(logits), self.end_ids):
+        if row.accept(row.pick(logits, ids[:, -1:]), self.end_ids):
             row.finish()
             return
         self._merge(row, cache)
@@ -290,10 +292,12 @@ class BatchEngine:
         self.mask = mask
         self.steps += 1
         self.stepped_rows += len(self.rows)
+        greedy = logits.argmax(dim=-1).tolist()  # every greedy row's token, read from the device at once
         keep = []
         for i, row in enumerate(self.rows):
             try:
-                if row.accept(row.pick(logits[i : i + 1]), self.end_ids):
+                token = greedy[i] if row.generator is None else row.pick(logits[i : i + 1], last[i : i + 1])
+                if row.accept(token, self.end_ids):
                     row.finish()
                 else:
                     keep.append(i)

@@ -94,17 +94,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dialogtune.config import TrainJobConfig
-from dialogtune.errors import ConfigError, ModelError
+from dialogtune.errors import ConfigError, ModelError, RunError
 from dialogtune.models import quiet_peft, resolve
+from dialogtune.train.attention import QUERY_BLOCK  # query blocks after the first carry a mask
 
 MIB = 2**20
 
 # dialogtune's own TrainingArguments defaults (train/run.py) for the keys memory depends on.
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_OPTIMIZER = "adamw_torch_fused"  # transformers' default `optim`
-
-# Segment attention's query block (train/attention.py): blocks after the first carry a mask.
-QUERY_BLOCK = 128
 
 # State bytes per trainable parameter for transformers' `optim` names.
 OPTIMIZER_STATE_BYTES = {
@@ -191,31 +189,6 @@ def load_model_config(name: str):
         raise ModelError(f"cannot load the model config of {name!r}: {err}") from err
 
 
-def lora_config(config: TrainJobConfig, encoder_decoder: bool):
-    """The PEFT LoraConfig training builds (train/model.py add_lora; the tests check the counts agree)."""
-    from peft import LoraConfig
-
-    targets = config.lora.target_modules
-    if targets != "all-linear":
-        targets = [targets] if isinstance(targets, str) else list(targets)
-    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=targets, task_type="SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM")
-
-
-def check_lora_targets(config: TrainJobConfig, model) -> None:
-    """Refuse target modules the model lacks, with training's message (train/model.py add_lora)."""
-    from dialogtune.train.model import linear_module_names
-
-    targets = config.lora.target_modules
-    if targets == "all-linear":
-        return
-    present = set(linear_module_names(model))
-    missing = [t for t in ([targets] if isinstance(targets, str) else targets) if t not in present]
-    if missing:
-        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules"
-                          f" are: {', '.join(sorted(present))} (or use all-linear)")
-
-
 # Linear layers by the input they take: the attention's (from the first norm), the attention
 # output's, the MLP's (from the second norm) and the MLP output's. Names across architectures.
 ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "Wqkv",
@@ -244,7 +217,7 @@ def count_model(config: TrainJobConfig) -> ModelCount:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from dialogtune.loss import needs_full_logits
+    from dialogtune.loss import core_model, needs_full_logits
 
     model_config = load_model_config(config.model.name)
     encoder_decoder = bool(model_config.is_encoder_decoder)
@@ -278,15 +251,20 @@ def count_model(config: TrainJobConfig) -> ModelCount:
     else:
         from peft import get_peft_model
 
-        check_lora_targets(config, model)
+        from dialogtune.train.model import lora_config
+
+        try:  # training's own LoraConfig, and its message for targets the model lacks
+            lora = lora_config(model, config)
+        except RunError as err:
+            raise ConfigError(str(err)) from err
         with init_empty_weights(), quiet_peft():
-            model = get_peft_model(model, lora_config(config, encoder_decoder))
+            model = get_peft_model(model, lora)
         trainable, parameters = model.get_nb_trainable_parameters()
         head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
         # PEFT wraps a linear layer in place: the wrapper has the base layer's name and lora_A.
         adapted = tuple(name for name, m in blocks[0].named_modules() if hasattr(m, "lora_A")) if blocks else ()
     return ModelCount(
-        architecture=type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+        architecture=type(core_model(model)).__name__,
         parameters=int(parameters), trainable=int(trainable), blocks=len(blocks),
         largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         largest_block_trainable=max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks),

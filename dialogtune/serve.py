@@ -140,10 +140,6 @@ class Generator:
         return future
 
 
-def usage_of(reply) -> dict:
-    return counts(reply.prompt_tokens, reply.new_tokens)
-
-
 def counts(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -335,7 +331,7 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
         if caller is not None:
             return await tool_completion(validated(ToolCompletionRequest, data))
         body = validated(CompletionRequest, data)
-        include_usage(body.stream, body.stream_options)  # refused before anything is generated
+        usage = include_usage(body.stream, body.stream_options)  # refused before anything is generated
         if memory is not None:
             return await memory_completion(body)
         if summaries is not None and body.user:
@@ -354,10 +350,10 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": "stop" if reply.stopped else "length"}],
-                    "usage": usage_of(reply)}
+                    "usage": counts(reply.prompt_tokens, reply.new_tokens)}
 
         pieces: asyncio.Queue = asyncio.Queue()
-        chunks = Chunks(completion_id, created, model_id, include_usage(body.stream, body.stream_options))
+        chunks = Chunks(completion_id, created, model_id, usage)
 
         def ended(future: Future) -> None:  # the reply, or its error: reported in the stream, never raised
             loop.call_soon_threadsafe(pieces.put_nowait, future.exception() or future.result())
@@ -392,15 +388,14 @@ def create_app(model: ChatModel | Understander | MemoryRun, model_id: str, api_k
 
     async def memory_completion(body: CompletionRequest):
         max_tokens = check_memory_request(memory.run, model_id, body)
-        sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p, max_new_tokens=max_tokens)
+        sampling = sampling_of(body, max_tokens)  # its seed goes to `answer`: generate_kwargs leaves it out
         messages = [(m.role, m.content) for m in body.messages if m.role != "system"]
         return await remembered(body, lambda: memory.answer(
             messages, body.user, {**sampling.generate_kwargs(), "max_time": timeout}, seed=body.seed))
 
     async def summary_completion(body: CompletionRequest):
         max_tokens = check_summary_request(chat, model_id, body)
-        sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p, max_new_tokens=max_tokens,
-                            seed=body.seed)
+        sampling = sampling_of(body, max_tokens)
         messages = [(m.role, m.content) for m in body.messages if m.role != "system"]
         system = "\n".join(m.content for m in body.messages if m.role == "system") or chat.system_prompt
         return await remembered(body, lambda: summaries.answer(messages, body.user, system, sampling, timeout),

@@ -61,8 +61,10 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model, config: TrainJobConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(model, config: TrainJobConfig):
+    """The PEFT LoraConfig for this model, its target modules checked against the model's own
+    linear layers (`dialogtune estimate` builds the same)."""
+    from peft import LoraConfig
 
     targets = config.lora.target_modules
     if targets != "all-linear":
@@ -73,13 +75,19 @@ def add_lora(model, config: TrainJobConfig):
             raise RunError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules"
                                   f" are: {', '.join(sorted(present))} (or use all-linear)")
         targets = wanted
+    task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=targets, task_type=task_type)
+
+
+def add_lora(model, config: TrainJobConfig):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    lora = lora_config(model, config)
     if config.method == "qlora":
         # PEFT would switch activation checkpointing on through `gradient_checkpointing_enable`,
         # deprecated in transformers 5: switched on here by its current name instead.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.activation_checkpointing_enable()
-    task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=targets, task_type=task_type)
     with quiet_peft():
         return get_peft_model(model, lora)

@@ -203,7 +203,8 @@ def train(config: TrainJobConfig, *, overwrite: bool = False, resume: bool = Fal
     after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     restore_attention(core_model(trainer.model))  # the saved model is loaded for generation: standard attention
     # A sharded model (FSDP, ZeRO-3) is gathered whole by all processes together; rank 0 saves it.
-    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded(trainer) else None
+    sharded = engine_name(trainer) in ("fsdp", "deepspeed-zero3")
+    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
     tokens, trained_tokens = trainer.tokens_across_processes()
     if not state.is_main_process:  # the other processes are done: saving and reporting is rank 0's
         return {"steps": trainer.state.global_step}
@@ -235,12 +236,6 @@ def write_run_record(run: Path, config: TrainJobConfig, args, prepared: Path, ma
         "dialogtune_version": dialogtune.__version__, "identity": run_identity(config),
         "prepared": str(prepared), "prepared_fingerprint": manifest.fingerprint, "precision": precision,
         "config": config.model_dump(mode="json", by_alias=True), "training_arguments": args.to_dict(), **extra})
-
-
-def sharded(trainer: DialogTrainer) -> bool:
-    """Whether the weights are split across processes (FSDP, or DeepSpeed ZeRO-3)."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
 
 
 def engine_name(trainer: DialogTrainer) -> str:

@@ -128,6 +128,13 @@ class DialogTrainer(Trainer):
             self._last_log = (now, tokens, trained)
         super().log(logs, start_time)
 
+    def most_across_processes(self, value: int) -> int:
+        """The largest of one number from each process (the number itself in a single process,
+        with no collective and no device round trip)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.args.device)).max())
+
     def tokens_across_processes(self) -> tuple[int, int]:
         """Tokens and trained tokens of all processes together (each counts its own batches)."""
         counts = torch.tensor([self.tokens_seen, self.trained_tokens_seen], device=self.args.device)
@@ -230,11 +237,11 @@ class _GuardCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
-        # Sharded gradients (FSDP) are checked by their holders: all processes skip or none does.
+        # One check for all gradients (one device round trip, not one per parameter). Sharded
+        # gradients (FSDP) are checked by their holders: all processes skip or none does.
         local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
-        bad_here = torch.tensor(float(not all(bool(torch.isfinite(g).all()) for g in local)), device=args.device)
-        finite = self.trainer.accelerator.reduce(bad_here, "sum").item() == 0
-        if finite:
+        bad_here = bool(local) and not bool(torch.stack([torch.isfinite(g).all() for g in local]).all())
+        if not self.trainer.most_across_processes(int(bad_here)):
             self.trainer.bad_in_a_row = 0
             return
         for p in params:  # optimizers skip parameters without a gradient: the step is a no-op
@@ -250,7 +257,7 @@ class _GuardCallback(TrainerCallback):
         # at the first step end where any has it, or the others would wait in the next step's
         # gradient exchange while it waits in the checkpoint's.
         asked = signal.Signals[self.trainer.stop_requested].value if self.trainer.stop_requested else 0
-        number = int(self.trainer.accelerator.gather(torch.tensor([asked], device=args.device)).max())
+        number = self.trainer.most_across_processes(asked)
         if number:
             self.trainer.stopped_by = signal.Signals(number).name
             control.should_save = True
