@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dialogtune.errors import DataError
 
@@ -49,19 +50,16 @@ def one_per_row(lengths: list[int]) -> list[list[int]]:
 
 def rows_to_table(input_ids: list[np.ndarray], labels: list[np.ndarray], rows: list[list[int]]) -> pa.Table:
     """One Arrow row per packed row: input_ids, labels, position_ids (restarting per example)."""
-    def lists(arrays: list[np.ndarray]) -> pa.ListArray:
-        flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-        return list_array(pa.array(flat), np.array([len(a) for a in arrays], dtype=np.int64))
+    return pack_examples(pa.table({"input_ids": int_lists(input_ids), "labels": int_lists(labels)}), rows)
 
-    return pack_examples(pa.table({"input_ids": lists(input_ids), "labels": lists(labels)}), rows)
 
 def pack_examples(examples: pa.Table, rows: list[list[int]]) -> pa.Table:
     """One Arrow row per packed row. Every column of `examples` holds a list per example; a row's
     value in each column is its examples' lists concatenated in row order. `position_ids`
     (restarting per example) follows `labels`."""
-    order = pa.array([i for row in rows for i in row], type=pa.int64())
+    order = np.array([i for row in rows for i in row], dtype=np.int64)
     per_row = np.array([len(row) for row in rows], dtype=np.int64)
-    lengths = _lengths(examples.column("input_ids").take(order).combine_chunks())  # tokens of each, in row order
+    lengths = _lengths(examples.column("input_ids"))[order]  # tokens of each, in row order
     columns = {}
     for name in examples.column_names:  # one column at a time: a buffer's copies are made one by one
         lists = examples.column(name).take(order).combine_chunks()
@@ -73,8 +71,9 @@ def pack_examples(examples: pa.Table, rows: list[list[int]]) -> pa.Table:
     return pa.table(columns)
 
 
-def _lengths(lists: pa.ListArray) -> np.ndarray:
-    return lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+def _lengths(lists: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
+    """The length of each list, read from the offsets: the values are neither copied nor combined."""
+    return pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _row_sums(lengths: np.ndarray, per_row: np.ndarray) -> np.ndarray:
@@ -92,10 +91,16 @@ def list_array(values: pa.Array, lengths: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
+def int_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """An int32 list column holding `arrays`, one list each."""
+    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+    return list_array(pa.array(flat), np.array([len(a) for a in arrays], dtype=np.int64))
+
+
 def pack_buffer(examples: pa.Table, capacity: int, pack: bool) -> pa.Table:
     """Pack a table of examples into rows of at most `capacity` tokens: best-fit-decreasing, or
     one example a row."""
-    lengths = _lengths(examples.column("input_ids").combine_chunks()).tolist()
+    lengths = _lengths(examples.column("input_ids")).tolist()
     return pack_examples(examples, pack_best_fit(lengths, capacity) if pack else one_per_row(lengths))
 
 

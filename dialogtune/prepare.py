@@ -50,7 +50,7 @@ from dialogtune.dialogue import Dialogue, Reject
 from dialogtune.errors import ConfigError, DataError, StrictError
 from dialogtune.files import staged_dir, write_json
 from dialogtune.models import load_tokenizer
-from dialogtune.packing import list_array, pack_stream
+from dialogtune.packing import int_lists, pack_stream
 from dialogtune.readers import TOOL_CALL_FORMATS, detect_format, read_dialogues
 from dialogtune.readers._io import no_gc
 from dialogtune.records import PREPARED_FILE, PreparedInfo, TemplateInfo, TokenizerInfo
@@ -270,11 +270,8 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
         if config.strict and first_bad is not None:
             raise StrictError(f"{first_bad} (stopped: --strict)")
         rejects = reading.rejects
-        with open(staging / TOKENIZE_REJECTS_FILE, encoding="utf-8") as fh:
-            for line in fh:
-                rejects.add_line(json.loads(line))
+        rejects.append(tok_rejects)
         rejects.close()
-        (staging / TOKENIZE_REJECTS_FILE).unlink()
         groups = np.unique(np.concatenate(ranks)) if ranks else np.zeros(0, np.uint64)
         if not len(groups):
             raise DataError(no_examples_message(config, reading.dialogues, reading.speakers,
@@ -297,7 +294,6 @@ def prepare(config: PrepareConfig, *, force: bool = False, quiet: bool = False) 
                     split_stats[split] = write_split(staging / split, examples, config, f"{key}-{split}")
         split_stats["train"]["dialogues"] = len(groups) - held_out
         split_stats["validation"]["dialogues"] = held_out
-        scratch.unlink()
         elapsed = time.perf_counter() - started
         stats = summary(reading.dialogues, speakers, rejects, tok_stats, split_stats, elapsed)
         if config.data.sample is not None:
@@ -331,6 +327,7 @@ class RejectLog:
     with `strict`, a bad record stops the preparation instead."""
 
     def __init__(self, path: Path, strict: bool):
+        self.path = path
         self.strict = strict
         self.count = 0
         self.by_reason: Counter[str] = Counter()
@@ -345,12 +342,18 @@ class RejectLog:
     def add(self, reject: Reject) -> None:
         if self.strict and reject.stage != UNUSED:
             raise StrictError(f"{reject} (stopped: --strict)")
-        self.add_line(reject.as_dict())
-
-    def add_line(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
         self.count += 1
-        self.by_reason[f"{record['stage']}: {reason_kind(record['reason'])}"] += 1
+        self.by_reason[f"{reject.stage}: {reason_kind(reject.reason)}"] += 1
+
+    def append(self, other: RejectLog) -> None:
+        """Add a closed log's records after this one's (its file copied as written, then removed)
+        and its counts."""
+        with open(other.path, encoding="utf-8") as fh:
+            shutil.copyfileobj(fh, self._file)
+        other.path.unlink()
+        self.count += other.count
+        self.by_reason.update(other.by_reason)
 
     def close(self) -> None:
         self._file.close()
@@ -491,15 +494,9 @@ EXAMPLES_SCHEMA = pa.schema([
 
 
 def examples_table(items: list[Tokenized], seed: int) -> pa.Table:
-    lengths = np.array([len(t.input_ids) for t in items], dtype=np.int64)
-
-    def ints(arrays: list[np.ndarray]) -> pa.ListArray:
-        flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
-        return list_array(pa.array(flat), lengths)
-
     messages = [t.example.messages for t in items]
     return pa.table([
-        ints([t.input_ids for t in items]), ints([t.labels for t in items]),
+        int_lists([t.input_ids for t in items]), int_lists([t.labels for t in items]),
         pa.array([[t.example.dialogue_id] for t in items], _TEXTS),
         pa.array([[m.get("session", -1) for m in ms if m["train"]] for ms in messages], _INTS),
         pa.array([answered_messages(ms) for ms in messages], _TEXTS),
@@ -559,10 +556,10 @@ def write_split(directory: Path, examples: Iterator[pa.Table], config: PrepareCo
     }
 
 
-def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, shard_bytes: int) -> int:
+def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, shard_bytes: int) -> None:
     """Write `tables` as a dataset `datasets.load_from_disk` reads: Arrow shards of about
     `shard_bytes` each (data-00000-of-0000N.arrow, written by datasets' ArrowWriter as they come),
-    then the state.json and dataset_info.json `Dataset.save_to_disk` writes. Returns the shards."""
+    then the state.json and dataset_info.json `Dataset.save_to_disk` writes."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
     from datasets.utils.py_utils import asdict  # datasets' own (drops unset fields), as save_to_disk uses
@@ -591,7 +588,7 @@ def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, 
         if writer is not None:  # on any path: a failed split leaves no open file (its .partial goes with the staging)
             writer.close()
     if not parts:
-        return 0
+        return
     names = [f"data-{index:05d}-of-{len(parts):05d}.arrow" for index in range(len(parts))]
     for part, name in zip(parts, names, strict=True):
         part.rename(directory / name)
@@ -601,7 +598,6 @@ def write_shards(directory: Path, tables: Iterator[pa.Table], fingerprint: str, 
     (directory / datasets.config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2, sort_keys=True))
     info = asdict(datasets.DatasetInfo(features=features))
     (directory / datasets.config.DATASET_INFO_FILENAME).write_text(json.dumps(dict(sorted(info.items())), indent=2))
-    return len(parts)
 
 
 @contextlib.contextmanager
@@ -685,12 +681,6 @@ def manifest(config: PrepareConfig, tokenizer, tokenizer_id: str, template: Chat
 def reason_kind(reason: str) -> str:
     """A reason with its particulars (names, numbers, quoted text) blanked, for counting."""
     return _PARTICULARS.sub("…", reason.split(": ")[0] if reason.startswith("message ") else reason)
-
-
-def write_rejects(directory: Path, rejects: list[Reject]) -> None:
-    """rejects.jsonl: every record not used or cut, one JSON object a line (read_rejects)."""
-    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n" for reject in rejects)
 
 
 def read_rejects(directory: Path) -> list[dict]:

@@ -49,7 +49,7 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
     data.sample; `manifest_of(speakers)` gives the PreparedInfo to save."""
     import datasets
 
-    from dialogtune.prepare import datasets_bars, reason_kind, write_rejects
+    from dialogtune.prepare import UNUSED, RejectLog, datasets_bars
 
     started = time.perf_counter()
     rows: list[dict] = []
@@ -66,7 +66,7 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
                 continue
             made = memory_steps(item, speakers_as) if isinstance(item, Dialogue) else item
             if isinstance(made, Reject):
-                if config.strict and made.stage != "unused":
+                if config.strict and made.stage != UNUSED:
                     raise StrictError(f"{made} (stopped: --strict)")
                 rejects.append(made)
                 continue
@@ -94,10 +94,12 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
                 "trained_tokens": sum(len(t) for r in part for t, on in zip(r["text_ids"], r["trained"]) if on),
                 "sessions": max((max(r["sessions"]) for r in part), default=0),
             }
+        with RejectLog(staging / "rejects.jsonl", strict=False) as log:  # --strict stopped at a bad one already
+            for reject in rejects:
+                log.add(reject)
         elapsed = time.perf_counter() - started
-        by_reason = Counter(f"{r.stage}: {reason_kind(r.reason)}" for r in rejects)
-        stats = {"task": "memory", "dialogues_read": len(rows), "rejected": len(rejects),
-                 "rejected_by_reason": dict(by_reason.most_common()), "splits": split_stats,
+        stats = {"task": "memory", "dialogues_read": len(rows), "rejected": log.count,
+                 "rejected_by_reason": dict(log.by_reason.most_common()), "splits": split_stats,
                  "turns_too_long": sum(r.stage == "truncated" for r in rejects),
                  "speakers": dict(speakers.most_common(50)), "seconds": round(elapsed, 3), "warnings": []}
         if config.data.sample is not None:
@@ -105,7 +107,6 @@ def prepare_memory(config: PrepareConfig, tokenizer, out: Path, *, quiet: bool, 
         if config.split.validation > 0 and not held_out:
             stats["warnings"].append("no validation split: fewer than two dialogues")
         write_json(staging / "stats.json", stats)
-        write_rejects(staging, rejects)
         manifest: PreparedInfo = manifest_of(speakers)
         manifest.save(staging)
     if not quiet:

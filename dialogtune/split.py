@@ -12,13 +12,9 @@ import hashlib
 import numpy as np
 
 
-def _rank(seed: int, group: str) -> bytes:
-    return hashlib.blake2b(f"{seed}\0{group}".encode(), digest_size=8).digest()
-
-
 def group_rank(seed: int, group: str) -> int:
-    """A group's rank as an unsigned 64-bit number (ordered as `_rank`'s bytes are)."""
-    return int.from_bytes(_rank(seed, group), "big")
+    """A group's seeded rank, an unsigned 64-bit number."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{group}".encode(), digest_size=8).digest(), "big")
 
 
 def _count(share: float, groups: int) -> int:
@@ -30,7 +26,7 @@ def _count(share: float, groups: int) -> int:
 def validation_groups(groups: set[str], share: float, seed: int) -> set[str]:
     """The groups that go to validation: a seeded, order-independent choice of round(share * n),
     at least one when share > 0 and there are two or more groups."""
-    return set(sorted(groups, key=lambda g: _rank(seed, g))[:_count(share, len(groups))])
+    return set(sorted(groups, key=lambda g: group_rank(seed, g))[:_count(share, len(groups))])
 
 
 def validation_cutoff(ranks: np.ndarray, share: float) -> int | None:
